@@ -1,0 +1,34 @@
+# `make demo`: set up (CPU torch) and let the shipped demo model answer about an example image.
+# `make test`: set up and run the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test demo-model bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip >/dev/null
+	# CPU wheel first (pip finds it on this machine), so the package range is already met: no CUDA download.
+	$(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -e ".[test,bench,peft]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(VENV)/bin/vlora-hf generate --image src/vlora_hf/examples/shapes_0.png --prompt "Describe the image."
+	HF_HUB_OFFLINE=1 $(VENV)/bin/vlora-hf generate --image src/vlora_hf/examples/shapes_1.png --prompt "What color is the shape?"
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+demo-model: setup
+	HF_HUB_OFFLINE=1 $(VENV)/bin/vlora-hf train --recipe recipes/demo.yaml
+
+bench: setup
+	$(VENV)/bin/vlora-hf bench --quick --json out/bench.json
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info
