@@ -77,12 +77,13 @@ class VLoRAPreTrainedModel(PreTrainedModel):
             for b in module.lora_B.values():
                 init.zeros_(b)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        """Checkpoint non-reentrantly, with a context that restores this call's deltas on recompute."""
-        kwargs = dict(gradient_checkpointing_kwargs or {})
-        kwargs["use_reentrant"] = False
-        kwargs["context_fn"] = checkpoint_context
-        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    def _activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, *args, **kwargs):
+        """Checkpoint non-reentrantly, with a context that restores this call's deltas on recompute.
+
+        Both `activation_checkpointing_enable` and the deprecated `gradient_checkpointing_enable` end here.
+        """
+        ckpt_kwargs = {**(activation_checkpointing_kwargs or {}), "use_reentrant": False, "context_fn": checkpoint_context}
+        super()._activation_checkpointing_enable(ckpt_kwargs, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save, listing every Auto class in `auto_map` and copying the remote-code files flat."""
@@ -298,6 +299,7 @@ class VLoRAForCausalLM(VLoRAPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden[:, keep, :])
         loss = None
         if labels is not None:
+            labels = labels.masked_fill(labels == self.config.image_token_id, -100)  # a slot, not a token
             loss = self.loss_function(logits, labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
         return VLoRACausalLMOutputWithPast(
             loss=loss,
