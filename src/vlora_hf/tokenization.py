@@ -1,0 +1,72 @@
+"""A small byte-level BPE tokenizer for tests and the demo (contract: ``build_tokenizer``)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+
+
+def build_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int = 320,
+    add_bos: bool = True,
+    chat_template=None,
+    model_max_length: int = 2048,
+):
+    """Train a byte-level BPE tokenizer on ``texts``.
+
+    Special tokens (ids 0..4): ``<unk> <s> </s> <pad> <image>``. ``bos`` = ``<s>`` (prepended when
+    ``add_special_tokens=True`` and ``add_bos``), ``eos`` = ``</s>``, ``pad`` = ``<pad>``; ``<image>`` is
+    the image placeholder. Decoding is an exact round trip of the encoded text. The vicuna_v1 chat
+    template is attached unless ``chat_template`` is given. Set ``model_max_length`` to the model's
+    ``max_position_embeddings`` so over-long prompts are rejected by the processor.
+    Returns a ``transformers.PreTrainedTokenizerFast``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [t for t in texts]
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(
+            f"build_tokenizer: vocab_size must be at least {256 + len(SPECIAL_TOKENS)} "
+            f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens), got {vocab_size}"
+        )
+    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=1,
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts or [""], trainer=trainer)
+    if add_bos:
+        bos_id = tok.token_to_id("<s>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+        )
+    if chat_template is None:
+        try:
+            from .processing.chat_templates import VICUNA_V1_TEMPLATE as chat_template
+        except ImportError:  # pragma: no cover
+            chat_template = None
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens=["<image>"],
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+        model_max_length=model_max_length,
+    )
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    return fast
+
+
+__all__ = ["build_tokenizer", "SPECIAL_TOKENS"]
