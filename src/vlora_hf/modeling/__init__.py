@@ -2,7 +2,7 @@
 
 from .configuration_vlora import VLoRAConfig
 from .generator_vlora import PerceptualWeightsGenerator
-from .injection_vlora import LowRankDeltas, low_rank_delta
+from .injection_vlora import LowRankDeltas, add_low_rank_delta
 from .modeling_vlora import VLoRAForCausalLM, VLoRAModel, VLoRAPreTrainedModel
 
 __all__ = [
@@ -12,5 +12,5 @@ __all__ = [
     "VLoRAForCausalLM",
     "VLoRAModel",
     "VLoRAPreTrainedModel",
-    "low_rank_delta",
+    "add_low_rank_delta",
 ]

@@ -24,16 +24,29 @@ _ACTIVE_DELTAS: contextvars.ContextVar[LowRankDeltas | None] = contextvars.Conte
 class LowRankDeltas:
     """The factors of one forward call: A per row, B shared by all rows.
 
-    A[target]: [batch, num_slots, d_in, r] (zeros for rows without an image); B[target]: [num_slots, d_out, r].
+    A[target]: [batch, num_slots, d_in, r] (zeros for rows without an image).
+    Bt[target]: [num_slots, r, d_out], B already scaled by alpha / r and transposed, made once per call so the
+    hooks (one per layer and target, run at every decode step) do nothing but the two matmuls.
     """
 
     A: dict[str, torch.Tensor]
-    B: dict[str, torch.Tensor]
+    Bt: dict[str, torch.Tensor]
+
+    @classmethod
+    def build(cls, A: dict[str, torch.Tensor], B: dict[str, torch.Tensor], dtype: torch.dtype) -> LowRankDeltas:
+        """A per row and scaled B [num_slots, d_out, r] per target, in the backbone's dtype."""
+        return cls(
+            A={t: a.to(dtype) for t, a in A.items()},
+            Bt={t: b.to(dtype).transpose(1, 2).contiguous() for t, b in B.items()},
+        )
 
 
-def low_rank_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """x [b, s, d_in], A [b, d_in, r], B [d_out, r] -> (x @ A) @ Bᵀ [b, s, d_out]; each row its own A."""
-    return torch.bmm(x, A.to(x.dtype)) @ B.to(x.dtype).t()
+def add_low_rank_delta(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor) -> torch.Tensor:
+    """out + (x @ A) @ Bt: x [b, s, d_in], A [b, d_in, r] (each row its own), Bt [r, d_out] shared."""
+    if A.dtype != x.dtype:  # e.g. under autocast
+        A, Bt = A.to(x.dtype), Bt.to(x.dtype)
+    xa = torch.bmm(x, A)
+    return torch.baddbmm(out.to(xa.dtype), xa, Bt.expand(x.shape[0], -1, -1))
 
 
 @contextlib.contextmanager
@@ -61,7 +74,7 @@ def _make_hook(target: str, slot: int):
         A = deltas.A[target][:, slot]
         if A.shape[0] != x.shape[0]:
             raise ValueError(f"perceptual weights cover {A.shape[0]} rows but the batch has {x.shape[0]}")
-        return output + low_rank_delta(x, A, deltas.B[target][slot])
+        return add_low_rank_delta(output, x, A, deltas.Bt[target][slot])
 
     return add_delta
 

@@ -206,7 +206,8 @@ class VLoRAModel(VLoRAPreTrainedModel):
 
         deltas = None
         if row_perceptual_weights is not None:
-            deltas = LowRankDeltas(A=self.generator.split(row_perceptual_weights), B=self.generator.scaled_B())
+            dtype = self.language_model.get_input_embeddings().weight.dtype
+            deltas = LowRankDeltas.build(self.generator.split(row_perceptual_weights), self.generator.scaled_B(), dtype)
         with deltas_applied(deltas):
             out = self.language_model(
                 input_ids=input_ids,
@@ -323,28 +324,56 @@ class VLoRAForCausalLM(VLoRAPreTrainedModel, GenerationMixin):
         """`GenerationMixin.generate`, with the images turned into per-row weights once, before prefill.
 
         The per-row weights travel through the decode steps as `row_perceptual_weights` (expanded row-wise for
-        beams and `num_return_sequences`), so the tower and generator never run again. The placeholder column
-        of the attention mask is zeroed and explicit position ids are passed, so cached and uncached decoding
-        see the same positions as a plain forward.
+        beams and `num_return_sequences`), so the tower and generator never run again. The placeholders, which
+        no token may attend to, are taken out of the sequence (their rows are left-padded by one instead) and
+        the remaining tokens keep the position ids they have in a plain forward: the KV cache holds text only
+        and attention keeps its causal fast path. The returned sequences start with the `input_ids` given.
         """
         images = [x for x in (pixel_values, image_features, perceptual_weights) if x is not None]
         if len(images) > 1:
             raise ValueError("pass only one of pixel_values, image_features or perceptual_weights")
-        if input_ids is not None:
-            is_image = input_ids == self.config.image_token_id
+        if input_ids is None:
             if images:
-                if perceptual_weights is None:
-                    perceptual_weights = self.model.get_image_features(
-                        pixel_values=pixel_values, image_features=image_features
-                    )
-                kwargs["row_perceptual_weights"] = self.model.row_weights(input_ids, perceptual_weights)
-            elif is_image.any() and kwargs.get("row_perceptual_weights") is None:
-                raise ValueError(
-                    f"input_ids hold {int(is_image.sum())} <image> placeholders but no image was given"
-                )
-            if is_image.any():
-                attention_mask, position_ids = mask_placeholders(is_image, attention_mask, kwargs.get("position_ids"))
-                kwargs["position_ids"] = position_ids
-        elif images:
-            raise ValueError("images need input_ids holding their <image> placeholders")
-        return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+                raise ValueError("images need input_ids holding their <image> placeholders")
+            return super().generate(attention_mask=attention_mask, **kwargs)
+        is_image = input_ids == self.config.image_token_id
+        if images:
+            if perceptual_weights is None:
+                perceptual_weights = self.model.get_image_features(pixel_values=pixel_values, image_features=image_features)
+            kwargs["row_perceptual_weights"] = self.model.row_weights(input_ids, perceptual_weights)
+        elif is_image.any() and kwargs.get("row_perceptual_weights") is None:
+            raise ValueError(f"input_ids hold {int(is_image.sum())} <image> placeholders but no image was given")
+        if not is_image.any():
+            return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+        text_ids, text_mask, kwargs["position_ids"] = without_placeholders(
+            input_ids, attention_mask, self.config.image_token_id, self.generation_config.pad_token_id or 0
+        )
+        out = super().generate(input_ids=text_ids, attention_mask=text_mask, **kwargs)
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
+        sequences = torch.cat([prompt, sequences[:, text_ids.shape[1]:]], dim=1)
+        if isinstance(out, torch.Tensor):
+            return sequences
+        out.sequences = sequences
+        return out
+
+
+def without_placeholders(input_ids: torch.Tensor, attention_mask, image_token_id: int, pad_token_id: int = 0):
+    """Take the `<image>` placeholders out of left-padded prompts, for generation.
+
+    Each placeholder moves to the front of its row as padding; a column that is padding in every row is dropped.
+    Returns (input_ids, attention_mask, position_ids), the position ids being those of a plain forward (the
+    placeholder still counts), so the logits are the same as with the placeholder masked in place.
+    """
+    is_image = input_ids == image_token_id
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    order = torch.sort((~is_image).int(), dim=1, stable=True).indices  # placeholders first, rest in order
+    moved = is_image.gather(1, order)
+    ids = input_ids.gather(1, order).masked_fill(moved, pad_token_id)
+    mask = attention_mask.gather(1, order).masked_fill(moved, 0)
+    positions = positions.gather(1, order)
+    start = int((mask.sum(0) == 0).long().cumprod(0).sum())  # leading all-padding columns
+    return ids[:, start:], mask[:, start:], positions[:, start:]
