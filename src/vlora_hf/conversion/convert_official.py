@@ -279,6 +279,8 @@ def build_processor(tower: Path | None, tokenizer_dir: Path | None, config):
     if tokenizer.pad_token is None and tokenizer.unk_token is not None:
         tokenizer.pad_token = tokenizer.unk_token  # what the release does for vicuna_v1
     tokenizer.chat_template = VICUNA_V1_TEMPLATE
+    # The processor's length check (and the image-text-to-text pipeline's) reads this: the LLM's real limit.
+    tokenizer.model_max_length = config.text_config.max_position_embeddings
     return VLoRAProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
