@@ -163,6 +163,30 @@ class VLoRAModel(VLoRAPreTrainedModel):
         rows[has_image] = perceptual_weights.to(rows.dtype)
         return rows
 
+    def resolve_images(self, input_ids, pixel_values=None, image_features=None, perceptual_weights=None,
+                       row_perceptual_weights=None):
+        """Whichever image input was given -> (per-row weights [batch, D] or None, per-image weights or None).
+
+        The one place that checks images against placeholders, for `forward` and `generate` alike.
+        """
+        given = [x for x in (pixel_values, image_features, perceptual_weights) if x is not None]
+        if len(given) > 1:
+            raise ValueError("pass only one of pixel_values, image_features or perceptual_weights")
+        if given and row_perceptual_weights is None:
+            if input_ids is None:
+                raise ValueError("images need input_ids holding their <image> placeholders")
+            if perceptual_weights is None:
+                perceptual_weights = self.get_image_features(pixel_values=pixel_values, image_features=image_features)
+            row_perceptual_weights = self.row_weights(input_ids, perceptual_weights)
+        if row_perceptual_weights is None and input_ids is not None:
+            placeholders = int((input_ids == self.config.image_token_id).sum())
+            if placeholders:
+                raise ValueError(
+                    f"input_ids hold {placeholders} <image> placeholders but no image was given "
+                    "(pixel_values, image_features or perceptual_weights)"
+                )
+        return row_perceptual_weights, perceptual_weights
+
     # ----- text side -------------------------------------------------------------------------------------
     def forward(
         self,
@@ -183,24 +207,12 @@ class VLoRAModel(VLoRAPreTrainedModel):
         `row_perceptual_weights` [batch, D] (zeros for text-only rows) is what `generate` passes between steps,
         when the placeholder is no longer part of `input_ids`.
         """
-        images_given = sum(x is not None for x in (pixel_values, image_features, perceptual_weights))
-        if images_given > 1:
-            raise ValueError("pass only one of pixel_values, image_features or perceptual_weights")
-        if row_perceptual_weights is None and images_given:
-            if input_ids is None:
-                raise ValueError("images need input_ids holding their <image> placeholders")
-            if perceptual_weights is None:
-                perceptual_weights = self.get_image_features(pixel_values=pixel_values, image_features=image_features)
-            row_perceptual_weights = self.row_weights(input_ids, perceptual_weights)
-
+        row_perceptual_weights, perceptual_weights = self.resolve_images(
+            input_ids, pixel_values, image_features, perceptual_weights, row_perceptual_weights
+        )
         if input_ids is not None:
             is_image = input_ids == self.config.image_token_id
             if is_image.any():
-                if row_perceptual_weights is None:
-                    raise ValueError(
-                        f"input_ids hold {int(is_image.sum())} <image> placeholders but no image was given "
-                        "(pixel_values, image_features or perceptual_weights)"
-                    )
                 attention_mask, position_ids = mask_placeholders(is_image, attention_mask, position_ids)
                 input_ids = input_ids.masked_fill(is_image, 0)  # the release's id; never attended to
 
@@ -329,21 +341,10 @@ class VLoRAForCausalLM(VLoRAPreTrainedModel, GenerationMixin):
         the remaining tokens keep the position ids they have in a plain forward: the KV cache holds text only
         and attention keeps its causal fast path. The returned sequences start with the `input_ids` given.
         """
-        images = [x for x in (pixel_values, image_features, perceptual_weights) if x is not None]
-        if len(images) > 1:
-            raise ValueError("pass only one of pixel_values, image_features or perceptual_weights")
-        if input_ids is None:
-            if images:
-                raise ValueError("images need input_ids holding their <image> placeholders")
-            return super().generate(attention_mask=attention_mask, **kwargs)
-        is_image = input_ids == self.config.image_token_id
-        if images:
-            if perceptual_weights is None:
-                perceptual_weights = self.model.get_image_features(pixel_values=pixel_values, image_features=image_features)
-            kwargs["row_perceptual_weights"] = self.model.row_weights(input_ids, perceptual_weights)
-        elif is_image.any() and kwargs.get("row_perceptual_weights") is None:
-            raise ValueError(f"input_ids hold {int(is_image.sum())} <image> placeholders but no image was given")
-        if not is_image.any():
+        kwargs["row_perceptual_weights"], _ = self.model.resolve_images(
+            input_ids, pixel_values, image_features, perceptual_weights, kwargs.get("row_perceptual_weights")
+        )
+        if input_ids is None or not (input_ids == self.config.image_token_id).any():
             return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
         text_ids, text_mask, kwargs["position_ids"] = without_placeholders(
