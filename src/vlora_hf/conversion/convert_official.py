@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .export import add_output_options
 from .io import DTYPES, ConversionError, atomic_folder, check_output, iter_checkpoint, weight_files, write_safetensors_shards
 
 # LlamaConfig fields the release's config.json carries (a LlamaConfig plus the VLoRA/LLaVA fields).
@@ -370,14 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vision-tower", default=None,
                         help="CLIP folder (default: mm_vision_tower, relative to the checkpoint or in the HF cache)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the checkpoint's, if any)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the release's torch_dtype")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty output folder")
-    parser.add_argument("--model-id", default=None, help="repo id shown in the card (default: --push-to-hub)")
-    parser.add_argument("--base-model", default=None, help="base_model of the card, e.g. feipengma/VLoRA-7b-v1")
-    parser.add_argument("--license", default="other", help="license metadata of the card (default 'other')")
-    parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="upload the folder afterwards")
-    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repo")
+    add_output_options(parser, dtype_help="default: the release's torch_dtype", license_default="other")
     return parser
 
 

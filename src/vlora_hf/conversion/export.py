@@ -149,15 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlora-hf export", description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir", help="a folder saved by VLoRAForCausalLM.save_pretrained (e.g. a training run)")
     parser.add_argument("output_dir", help="the Hub-ready folder to write (must be empty unless --force)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: as saved)")
+    add_output_options(parser, dtype_help="cast the weights (default: as saved)", license_default="apache-2.0")
+    return parser
+
+
+def add_output_options(parser: argparse.ArgumentParser, dtype_help: str, license_default: str) -> None:
+    """Options shared by `convert` and `export`: how the Hub-ready folder is written, carded and pushed."""
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help=dtype_help)
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output folder")
-    parser.add_argument("--model-id", default=None, help="repo id shown in the card's usage snippet")
+    parser.add_argument("--model-id", default=None, help="repo id shown in the card (default: --push-to-hub)")
     parser.add_argument("--base-model", default=None, help="base_model metadata of the card (a Hub repo id)")
-    parser.add_argument("--license", default="apache-2.0", help="license metadata of the card (default apache-2.0)")
+    parser.add_argument("--license", default=license_default, help=f"license metadata of the card (default {license_default})")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="upload the folder afterwards")
     parser.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repo")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
