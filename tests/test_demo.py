@@ -1,0 +1,68 @@
+"""The shipped demo model (src/vlora_hf/demo_model/): complete, small, and right on held-out shapes-vqa images."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import vlora_hf
+from vlora_hf.data import shapes
+from vlora_hf.training.evaluate import exact_match
+
+MIN_ACCURACY = 0.95
+N_HELDOUT_IMAGES = 160  # 80 single-shape images (colour, shape) + 80 count images (count, describe)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from vlora_hf import VLoRAForCausalLM
+    from vlora_hf.processing import VLoRAProcessor
+
+    path = vlora_hf.demo_model_path()
+    return path, VLoRAForCausalLM.from_pretrained(path).eval(), VLoRAProcessor.from_pretrained(path)
+
+
+def test_demo_folder_is_complete_and_small(demo):
+    path, model, processor = demo
+    for name in ("config.json", "model.safetensors", "generation_config.json", "README.md", "tokenizer.json",
+                 "preprocessor_config.json", "processor_config.json", "modeling_vlora.py", "training_summary.json"):
+        assert (path / name).is_file(), name
+    assert not list(path.glob("*.bin")) and not list(path.glob("*.pt"))
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    assert size <= 25 * 2**20, f"demo model folder is {size / 2**20:.1f} MB"
+    assert processor.image_token_id == model.config.image_token_id
+    assert processor.tokenizer.decode(processor.tokenizer(" 3 blue triangles")["input_ids"],
+                                      skip_special_tokens=True) == " 3 blue triangles"
+    card = (path / "README.md").read_text()
+    summary = json.loads((path / "training_summary.json").read_text())
+    for question in shapes.QUESTIONS:  # the card reports the held-out figures per question type
+        assert question in card
+        assert summary["eval"]["per_question"][question] >= MIN_ACCURACY
+    assert "min of training" in card
+
+
+def test_demo_model_answers_heldout_images(demo):
+    """Exact match on held-out images (the eval split, never drawn for training), per question type."""
+    _, model, processor = demo
+    samples = shapes.heldout_samples(N_HELDOUT_IMAGES, seed=0)
+    images = [s.image for s in samples]
+    rows = [(i, q, a) for i, s in enumerate(samples) for q, a in s.qa]
+    torch.manual_seed(0)
+    results = exact_match(model, processor, images, rows, max_new_tokens=12, batch_size=80)
+    assert set(results["per_question"]) == set(shapes.QUESTIONS)
+    assert all(n == N_HELDOUT_IMAGES // 2 for n in results["counts"].values())
+    low = {q: acc for q, acc in results["per_question"].items() if acc < MIN_ACCURACY}
+    assert not low, f"below {MIN_ACCURACY:.0%}: {low}; first errors: {results['errors'][:5]}"
+
+
+def test_demo_model_uses_the_image(demo):
+    """The same question about two different images gets two different, correct answers."""
+    _, model, processor = demo
+    red = shapes.draw_single(__import__("random").Random(1), kind="square", color="red")
+    blue = shapes.draw_single(__import__("random").Random(2), kind="circle", color="blue")
+    rows = [(0, shapes.Q_COLOR, "red"), (1, shapes.Q_COLOR, "blue"), (0, shapes.Q_SHAPE, "square"),
+            (1, shapes.Q_SHAPE, "circle")]
+    results = exact_match(model, processor, [red.image, blue.image], rows, max_new_tokens=6)
+    assert results["overall"] == 1.0, results["errors"]

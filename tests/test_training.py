@@ -1,0 +1,334 @@
+"""`vlora-hf train`: recipes, stages, a few steps that lower the loss, a frozen pretrain stage, 2-process DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from vlora_hf.training import recipe as recipe_mod
+from vlora_hf.training.train import apply_stage, build_model_and_processor, main, run
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A tiny scratch recipe: 64 px shapes images seen through a 2-layer tower with 16 px patches.
+TINY = {
+    "stage": "scratch",
+    "seed": 0,
+    "model": {
+        "text_config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 64,
+                        "tie_word_embeddings": True},
+        "vision_config": {"model_type": "clip_vision_model", "hidden_size": 16, "intermediate_size": 32,
+                          "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 16},
+        "vlora": {"generator_hidden_size": 16, "generator_depth": 1, "generator_num_heads": 4, "lora_rank": 4,
+                  "skip_layers": 1, "vision_feature_layer": -1},
+    },
+    "tokenizer": {"build": {"vocab_size": 300}, "chat_template": "vicuna_v1_no_system"},
+    "image_processor": {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
+    "data": {"dataset": "shapes", "num_images": 24, "seed": 0},
+    "training": {"max_steps": 12, "per_device_train_batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 0,
+                 "lr_scheduler_type": "constant", "logging_steps": 4, "save_strategy": "no", "torch_threads": 2},
+    "eval": {"shapes": None},
+}
+
+
+def tiny_recipe(tmp_path, **overrides) -> dict:
+    r = recipe_mod.deep_merge(recipe_mod.DEFAULTS, TINY)
+    r["output_dir"] = str(tmp_path / "out")
+    r["training"]["run_dir"] = str(tmp_path / "run")
+    for key, value in overrides.items():
+        recipe_mod.set_dotted(r, key, value)
+    return recipe_mod.validate(r)
+
+
+def fixed_batch(processor, n: int = 8):
+    """Shapes rows the tiny runs train on, tokenised and batched."""
+    from vlora_hf.training.data import BankCollator, ImageQADataset, PromptEncoder, preprocess_bank
+    from vlora_hf.training.shapes_source import make_rows
+
+    images, rows = make_rows(n // 2)
+    dataset = ImageQADataset(rows, PromptEncoder(processor))
+    bank = preprocess_bank(images, processor.image_processor)
+    return BankCollator(bank, processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+
+
+def batch_loss(model, batch) -> float:
+    model.eval()
+    with torch.no_grad():
+        return float(model(**batch).loss)
+
+
+def load(folder):
+    from vlora_hf import VLoRAForCausalLM
+    from vlora_hf.processing import VLoRAProcessor
+
+    return VLoRAForCausalLM.from_pretrained(folder).eval(), VLoRAProcessor.from_pretrained(folder)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# recipes
+
+
+def test_recipe_file_flags_and_set_override(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"stage": "scratch", "model": TINY["model"], "training": {"max_steps": 7}}))
+    parser_args = ["--recipe", str(path), "--learning-rate", "0.01", "--set", "model.vlora.lora_rank=16",
+                   "--set", "training.max_steps=9", "--no-gradient-checkpointing"]
+    from vlora_hf.training.train import build_parser, recipe_from_args
+
+    r = recipe_from_args(build_parser().parse_args(parser_args))
+    assert r["stage"] == "scratch"
+    assert r["training"]["learning_rate"] == 0.01
+    assert r["training"]["max_steps"] == 9
+    assert r["training"]["gradient_checkpointing"] is False
+    assert r["model"]["vlora"]["lora_rank"] == 16
+    assert r["model"]["text_config"]["hidden_size"] == 32
+    assert r["training"]["per_device_train_batch_size"] == recipe_mod.DEFAULTS["training"]["per_device_train_batch_size"]
+    # JSON recipes work the same way.
+    jpath = tmp_path / "r.json"
+    jpath.write_text(json.dumps({"stage": "scratch", "model": TINY["model"]}))
+    assert recipe_mod.resolve_recipe(jpath)["model"]["vision_config"]["patch_size"] == 16
+
+
+@pytest.mark.parametrize(
+    "recipe, message",
+    [
+        ({"stage": "warmup", "model": {"checkpoint": "x"}}, "stage must be one of"),
+        ({"stage": "finetune"}, "exactly one initialisation"),
+        ({"stage": "finetune", "model": {"checkpoint": "x", "text_model": "y", "vision_tower": "z"}},
+         "exactly one initialisation"),
+        ({"stage": "finetune", "model": {"text_model": "y"}}, "go together"),
+        ({"stage": "pretrain", "model": TINY["model"]}, "only makes sense with stage 'scratch'"),
+        ({"stage": "scratch", "model": TINY["model"], "trainig": {}}, "unknown recipe section"),
+    ],
+)
+def test_bad_recipes_raise_one_clear_error(recipe, message):
+    with pytest.raises(ValueError, match=message):
+        recipe_mod.validate(recipe_mod.deep_merge(recipe_mod.DEFAULTS, recipe))
+
+
+def test_cli_reports_bad_recipe(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("stage: [unclosed\n")
+    assert main(["--recipe", str(path)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert main(["--recipe", str(tmp_path / "missing.yaml")]) == 2
+    assert "recipe file not found" in capsys.readouterr().err
+
+
+def test_stages_freeze_the_right_parts(tmp_path):
+    model, _ = build_model_and_processor(tiny_recipe(tmp_path))
+
+    def trainable(module):
+        return {p.requires_grad for p in module.parameters()}
+
+    apply_stage(model, "pretrain")
+    assert trainable(model.model.generator) == {True}
+    assert trainable(model.model.language_model) == {False}
+    assert trainable(model.model.vision_tower) == {False}
+    assert trainable(model.lm_head) == {False}
+    apply_stage(model, "finetune")
+    assert trainable(model.model.generator) == {True}
+    assert trainable(model.model.language_model) == {True}
+    assert trainable(model.model.vision_tower) == {False}
+    apply_stage(model, "scratch")
+    assert trainable(model.model.generator) == trainable(model.model.language_model) == {True}
+    # The tower trains, except what the features never pass through (here: its final norm).
+    frozen = {n for n, p in model.model.vision_tower.named_parameters() if not p.requires_grad}
+    assert frozen == {"post_layernorm.weight", "post_layernorm.bias"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training runs
+
+
+def test_scratch_steps_lower_the_loss_and_save_a_loadable_checkpoint(tmp_path):
+    recipe = tiny_recipe(tmp_path, **{"training.gradient_checkpointing": True})
+    torch.manual_seed(0)
+    from transformers import set_seed
+
+    set_seed(0)
+    model0, processor0 = build_model_and_processor(recipe, rows_for_tokenizer=_rows(recipe))
+    batch = fixed_batch(processor0)
+    before = batch_loss(model0, batch)
+
+    summary = run(recipe)
+    assert summary["steps"] == 12
+    out = Path(recipe["output_dir"])
+    for name in ("config.json", "model.safetensors", "README.md", "tokenizer.json", "preprocessor_config.json",
+                 "training_summary.json"):
+        assert (out / name).is_file(), name
+    model1, processor1 = load(out)
+    assert processor1.tokenizer.get_vocab() == processor0.tokenizer.get_vocab()
+    after = batch_loss(model1, fixed_batch(processor1))
+
+    assert after < 0.85 * before, (before, after)
+    assert "Trained with `vlora-hf train` (stage `scratch`)" in (out / "README.md").read_text()
+
+
+def _rows(recipe):
+    from vlora_hf.training.train import load_rows
+
+    return load_rows(recipe)[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """One of our checkpoints (random tiny model, non-zero B so images matter) with its processor."""
+    from transformers import set_seed
+
+    from vlora_hf.conversion.export import export_folder
+
+    tmp = tmp_path_factory.mktemp("ckpt")
+    recipe = tiny_recipe(tmp)
+    set_seed(0)
+    model, processor = build_model_and_processor(recipe, rows_for_tokenizer=_rows(recipe))
+    with torch.no_grad():
+        for b in model.model.generator.lora_B.values():
+            b.normal_(0, 0.5)
+    export_folder(model, processor, tmp / "ckpt")
+    return tmp / "ckpt"
+
+
+def _part_states(model):
+    return {
+        "language_model": {k: v.clone() for k, v in model.model.language_model.state_dict().items()},
+        "lm_head": model.lm_head.weight.detach().clone(),
+        "vision_tower": {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()},
+        "generator": {k: v.clone() for k, v in model.model.generator.state_dict().items()},
+    }
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_pretrain_stage_leaves_llm_and_tower_bit_identical(tmp_path, tiny_checkpoint, precompute):
+    before, _ = load(tiny_checkpoint)
+    states = _part_states(before)
+    recipe = tiny_recipe(tmp_path, stage="pretrain", **{"model.checkpoint": str(tiny_checkpoint),
+                                                        "model.text_config": None, "model.vision_config": None,
+                                                        "tokenizer.build": None, "training.max_steps": 4,
+                                                        "data.precompute_image_features": precompute})
+    summary = run(recipe)
+    assert summary["trainable"]["language_model"] == 0 and summary["trainable"]["vision_tower"] == 0
+    after, _ = load(recipe["output_dir"])
+    new = _part_states(after)
+    for part in ("language_model", "vision_tower"):
+        assert new[part].keys() == states[part].keys()
+        for key in states[part]:
+            assert torch.equal(new[part][key], states[part][key]), (part, key)
+    assert torch.equal(new["lm_head"], states["lm_head"])
+    changed = [k for k in states["generator"] if not torch.equal(new["generator"][k], states["generator"][k])]
+    assert len(changed) > len(states["generator"]) // 2, changed
+
+
+def test_precompute_features_needs_a_frozen_tower(tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tmp_path, **{"data.precompute_image_features": True})))
+    assert main(["--recipe", str(path)]) == 1
+    assert "needs a frozen tower" in capsys.readouterr().err
+
+
+def test_resume_continues_from_the_newest_checkpoint(tmp_path):
+    recipe = tiny_recipe(tmp_path, **{"training.max_steps": 4, "training.save_strategy": "steps",
+                                      "training.save_steps": 2})
+    run(recipe)
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    recipe = tiny_recipe(tmp_path, **{"training.max_steps": 6, "training.save_strategy": "steps",
+                                      "training.save_steps": 2, "training.resume": "auto"})
+    summary = run(recipe)
+    assert summary["steps"] == 6
+    state = json.loads((tmp_path / "run" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"] if "loss" in e][:1] == [4]  # first log after the resumed step 4
+
+
+def test_two_process_cpu_accelerate_run(tmp_path):
+    """`accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml` (2 CPU processes, gloo): a few DDP
+    steps, then a loadable checkpoint saved once."""
+    recipe = tiny_recipe(tmp_path, **{"training.max_steps": 3, "training.per_device_train_batch_size": 4,
+                                      "training.torch_threads": 1})
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "recipes" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", "0",
+           "-m", "vlora_hf.training.train", "--recipe", str(path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 3
+    assert proc.stdout.count("[vlora-hf train] saved to") == 1  # only the main process saves
+    model, processor = load(tmp_path / "out")
+    batch = fixed_batch(processor, n=4)
+    assert torch.isfinite(model(**batch).loss)
+
+
+def test_finetune_on_llava_json_trains_llm_keeps_tower(tmp_path, tiny_checkpoint):
+    """dataset llava (the data module's LLaVADataset/collator), stage finetune, precomputed tower features."""
+    from vlora_hf.data import shapes
+
+    data = shapes.make_dataset(tmp_path / "shapes", n=8, seed=1)
+    before, _ = load(tiny_checkpoint)
+    states = _part_states(before)
+    recipe = tiny_recipe(tmp_path, stage="finetune", **{
+        "model.checkpoint": str(tiny_checkpoint), "model.text_config": None, "model.vision_config": None,
+        "tokenizer.build": None, "training.max_steps": 3, "data.dataset": "llava", "data.path": str(data),
+        "data.image_folder": str(data.parent), "data.precompute_image_features": True})
+    summary = run(recipe)
+    assert summary["steps"] == 3 and summary["trainable"]["vision_tower"] == 0
+    after, _ = load(recipe["output_dir"])
+    new = _part_states(after)
+    assert all(torch.equal(new["vision_tower"][k], v) for k, v in states["vision_tower"].items())
+    assert not all(torch.equal(new["language_model"][k], v) for k, v in states["language_model"].items())
+
+
+def test_pretrain_from_text_model_and_vision_tower_folders(tmp_path):
+    """Init from a transformers causal-LM folder + a CLIP vision folder: their weights land unchanged and stay
+    frozen through stage pretrain."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    from vlora_hf.tokenization import build_tokenizer
+    from vlora_hf.training.shapes_source import make_rows
+
+    _, rows = make_rows(20)
+    tok = build_tokenizer([f"{q} {a}" for _, q, a in rows], vocab_size=300)
+    torch.manual_seed(1)
+    llm = LlamaForCausalLM(LlamaConfig(**{**TINY["model"]["text_config"], "vocab_size": len(tok),
+                                          "tie_word_embeddings": False, "bos_token_id": tok.bos_token_id,
+                                          "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}))
+    llm.save_pretrained(tmp_path / "llm")
+    tok.save_pretrained(tmp_path / "llm")
+    vc = {k: v for k, v in TINY["model"]["vision_config"].items() if k != "model_type"}
+    tower = CLIPVisionModel(CLIPVisionConfig(**vc))
+    tower.save_pretrained(tmp_path / "clip")
+    recipe = tiny_recipe(tmp_path, stage="pretrain", **{
+        "model.text_config": None, "model.vision_config": None, "model.text_model": str(tmp_path / "llm"),
+        "model.vision_tower": str(tmp_path / "clip"), "tokenizer.build": None, "training.max_steps": 2})
+    summary = run(recipe)
+    assert summary["trainable"]["language_model"] == 0
+    model, processor = load(recipe["output_dir"])
+    assert processor.image_token_id == model.config.image_token_id == tok.convert_tokens_to_ids("<image>")
+    for k, v in llm.model.state_dict().items():
+        assert torch.equal(model.model.language_model.state_dict()[k], v), k
+    assert torch.equal(model.lm_head.weight, llm.lm_head.weight)
+    for k, v in tower.state_dict().items():
+        assert torch.equal(model.model.vision_tower.state_dict()[k], v), k
+
+
+def test_init_vision_for_scratch_towers(tmp_path):
+    from vlora_hf.training.train import sincos_2d
+
+    recipe = tiny_recipe(tmp_path, **{"model.init_vision": {"patch_embedding": "fan_in",
+                                                            "position_embedding": "sincos"}})
+    model, _ = build_model_and_processor(recipe)
+    emb = model.model.vision_tower.embeddings
+    assert torch.equal(emb.position_embedding.weight, sincos_2d(2, 16, with_cls=True))
+    assert abs(float(emb.patch_embedding.weight.std()) - (3 * 16 * 16) ** -0.5) < 0.01
+    bad = tiny_recipe(tmp_path, **{"model.init_vision": {"position_embedding": "rope"}})
+    with pytest.raises(ValueError, match="must be 'sincos'"):
+        build_model_and_processor(bad)
