@@ -74,7 +74,8 @@ for auto in (AutoModel, AutoModelForCausalLM):
     assert 'vlora_hf' not in type(model).__module__, type(model).__module__
     with torch.no_grad():
         logits = model(input_ids=expected['ids'], pixel_values=expected['px']).logits
-    assert torch.equal(logits, expected['logits'])
+    # another process may run another number of threads: same weights, last-bit differences at most
+    torch.testing.assert_close(logits, expected['logits'], atol=1e-6, rtol=1e-6)
     out = model.generate(input_ids=expected['ids'][:1], pixel_values=expected['px'], max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 8), out.shape
 print('remote ok')
