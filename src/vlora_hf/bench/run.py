@@ -326,7 +326,6 @@ def run_bench(st: BenchSettings, log=print) -> dict:
 
 
 def targets(r: dict, T0: int = 64) -> dict:
-    ttft = r["medians"][f"ttft_ms_t{T0}"] if f"ttft_ms_t{T0}" in r["medians"] else None
     rows = {
         "llm_overhead_prefill <= 1.05": (r["llm_overhead_prefill"], r["llm_overhead_prefill"] <= 1.05),
         "llm_overhead_decode <= 1.05": (r["llm_overhead_decode"], r["llm_overhead_decode"] <= 1.05),
