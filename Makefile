@@ -24,8 +24,10 @@ demo: setup
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
+# Two training processes (DDP over gloo), one per core; the main one evaluates and writes the model.
 demo-model: setup
-	HF_HUB_OFFLINE=1 $(VENV)/bin/vlora-hf train --recipe recipes/demo.yaml
+	HF_HUB_OFFLINE=1 $(VENV)/bin/accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml \
+		--main_process_port 0 -m vlora_hf.training.train --recipe recipes/demo.yaml
 
 bench: setup
 	$(VENV)/bin/vlora-hf bench --quick --json out/bench.json

@@ -88,11 +88,8 @@ def test_collator_pads_right_and_orders_images_by_row(tok, folder):
     rows = [ds[0], ds[1], ds[2]]
     batch = LLaVACollator(tok.pad_token_id)(rows)
     assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values"}
-    (pb, ab), (pt, at), (pi, ai) = (
-        pieces(tok, SYSTEM + " USER: <image>\nWhat color is the shape? ASSISTANT:", " blue</s>"),
-        pieces(tok, SYSTEM + " USER: What color? ASSISTANT:", " red</s>"),
-        (None, None),
-    )
+    pb, ab = pieces(tok, SYSTEM + " USER: <image>\nWhat color is the shape? ASSISTANT:", " blue</s>")
+    pt, at = pieces(tok, SYSTEM + " USER: What color? ASSISTANT:", " red</s>")
     row0 = [tok.bos_token_id] + pb + ab
     row1 = [tok.bos_token_id] + pt + at
     row2, lab2 = expected_vicuna(tok)
@@ -179,6 +176,19 @@ def test_missing_or_broken_image_file(tok, folder):
     no_proc = LLaVADataset([REC_B], tok, image_folder=folder)
     with pytest.raises(ValueError, match="'r2'.*no image_processor"):
         no_proc[0]
+
+
+def test_in_memory_images_pil_and_preprocessed(tok, tmp_path):
+    """`images=`: records name in-memory images (no files); PIL goes through the processor, tensors as they are."""
+    red = Image.new("RGB", (6, 4), COLORS["a.png"])
+    pre = torch.full((3, 4, 6), 7.0)
+    recs = [dict(REC_B, id="pil", image="k1"), dict(REC_B, id="pre", image="k2"), REC_TEXT]
+    ds = LLaVADataset(recs, tok, image_processor=to_tensor, images={"k1": red, "k2": pre})
+    assert torch.equal(ds[0]["pixel_values"], to_tensor(red)) and ds[1]["pixel_values"] is pre
+    assert ds[0]["input_ids"].tolist() == ds[1]["input_ids"].tolist()  # same conversation, tokenised once
+    assert len(ds._encoded) == 1 and "pixel_values" not in ds[2] and len(ds._encoded) == 2
+    with pytest.raises(ValueError, match="'lost'.*'k3' is not among the 2 in-memory images"):
+        LLaVADataset([dict(REC_B, id="lost", image="k3")], tok, images={"k1": red, "k2": pre})
 
 
 def test_json_file_and_default_image_folder(tok, folder):

@@ -72,6 +72,30 @@ def test_build_tokenizer_specials_and_round_trip(tokenizer):
         build_tokenizer(CORPUS, vocab_size=100)
 
 
+def test_template_phrases_become_single_tokens(tmp_path):
+    """template_tokens: the vicuna_v1 system sentence + "USER: " and " ASSISTANT:" are one token each, the
+    prompt's tokens are a prefix of the trained conversation's, and the text round-trips through a reload."""
+    from transformers import AutoTokenizer
+
+    from vlora_hf.tokenization import template_phrases
+
+    system = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+              "helpful, detailed, and polite answers to the user's questions.")
+    assert template_phrases(VICUNA_V1_TEMPLATE) == [system + " USER: ", " ASSISTANT:"]
+    tok = build_tokenizer(CORPUS, vocab_size=300, added_phrases=template_phrases(VICUNA_V1_TEMPLATE))
+    tok.save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the square?"}]}]
+    prompt = tok.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    full = tok.apply_chat_template(user + [{"role": "assistant", "content": "red"}], tokenize=False)
+    assert full == system + " USER: <image>\nWhat color is the square? ASSISTANT: red</s>"
+    ids, prompt_ids = tok(full).input_ids, tok(prompt).input_ids
+    assert ids[: len(prompt_ids)] == prompt_ids and tok.decode(ids[1:]) == full
+    tokens = tok.convert_ids_to_tokens(ids)
+    assert tokens[:3] == ["<s>", system + " USER: ", "<image>"] and tokens[len(prompt_ids) - 1] == " ASSISTANT:"
+    assert len(tok) == 302
+
+
 # ---------------------------------------------------------------- image processor
 def test_pixel_parity_with_release(tmp_path):
     need_fixture()

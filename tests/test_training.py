@@ -30,7 +30,7 @@ TINY = {
         "vlora": {"generator_hidden_size": 16, "generator_depth": 1, "generator_num_heads": 4, "lora_rank": 4,
                   "skip_layers": 1, "vision_feature_layer": -1},
     },
-    "tokenizer": {"build": {"vocab_size": 300}, "chat_template": "vicuna_v1_no_system"},
+    "tokenizer": {"build": {"vocab_size": 300, "template_tokens": True}, "chat_template": "vicuna_v1"},
     "image_processor": {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
     "data": {"dataset": "shapes", "num_images": 24, "seed": 0},
     "training": {"max_steps": 12, "per_device_train_batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 0,
@@ -50,13 +50,13 @@ def tiny_recipe(tmp_path, **overrides) -> dict:
 
 def fixed_batch(processor, n: int = 8):
     """Shapes rows the tiny runs train on, tokenised and batched."""
-    from vlora_hf.training.data import BankCollator, ImageQADataset, PromptEncoder, preprocess_bank
-    from vlora_hf.training.shapes_source import make_rows
+    from vlora_hf.data.llava import LLaVACollator
+    from vlora_hf.data.shapes import make_rows
+    from vlora_hf.training.train import shapes_dataset
 
     images, rows = make_rows(n // 2)
-    dataset = ImageQADataset(rows, PromptEncoder(processor))
-    bank = preprocess_bank(images, processor.image_processor)
-    return BankCollator(bank, processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+    dataset = shapes_dataset(images, rows, processor)
+    return LLaVACollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
 
 
 def batch_loss(model, batch) -> float:
@@ -293,7 +293,7 @@ def test_pretrain_from_text_model_and_vision_tower_folders(tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
     from vlora_hf.tokenization import build_tokenizer
-    from vlora_hf.training.shapes_source import make_rows
+    from vlora_hf.data.shapes import make_rows
 
     _, rows = make_rows(20)
     tok = build_tokenizer([f"{q} {a}" for _, q, a in rows], vocab_size=300)
@@ -332,3 +332,52 @@ def test_init_vision_for_scratch_towers(tmp_path):
     bad = tiny_recipe(tmp_path, **{"model.init_vision": {"position_embedding": "rope"}})
     with pytest.raises(ValueError, match="must be 'sincos'"):
         build_model_and_processor(bad)
+
+
+def test_answer_word_targets_and_question_weights():
+    from vlora_hf.training.train import weight_rows
+    from vlora_hf.training.warm_start import answer_word_targets
+
+    rows = [(0, "What color is the shape?", "red"), (0, "What shape is this?", "circle"),
+            (1, "How many shapes are there?", "3"), (1, "Describe the image.", "3 blue squares")]
+    targets, words = answer_word_targets(rows, 3)
+    assert words == ["3", "blue", "circle", "red", "squares"]
+    assert targets.tolist() == [[0, 0, 1, 1, 0], [1, 1, 0, 0, 1], [0, 0, 0, 0, 0]]
+
+    many = rows * 500
+    weighted = weight_rows(many, {"What color is the shape?": 0.25, "What shape is this?": 2})
+    per_q = {q: sum(r[1] == q for r in weighted) for _, q, _ in rows}
+    assert per_q["What shape is this?"] == 1000 and per_q["How many shapes are there?"] == 500
+    assert 90 <= per_q["What color is the shape?"] <= 160  # ~125, seeded
+    assert weight_rows(many, {"What color is the shape?": 0.25}) == weight_rows(
+        many, {"What color is the shape?": 0.25})
+    with pytest.raises(ValueError, match="names question.*'Why\\?'"):
+        weight_rows(rows, {"Why?": 2})
+    with pytest.raises(ValueError, match="numbers >= 0"):
+        weight_rows(rows, {"Describe the image.": -1})
+
+
+def test_tower_warm_start_trains_only_the_tower(tmp_path):
+    """The warm start lowers its answer-word loss and touches the tower alone; bad specs raise."""
+    from vlora_hf.training.train import load_rows, shapes_dataset
+    from vlora_hf.training.warm_start import warm_start_tower
+
+    recipe = tiny_recipe(tmp_path, **{"data.num_images": 12})
+    images, rows, _ = load_rows(recipe)
+    torch.manual_seed(0)
+    model, processor = build_model_and_processor(recipe, rows_for_tokenizer=rows)
+    dataset = shapes_dataset(images, rows, processor)
+    before = _part_states(model)
+    first = warm_start_tower(model, dataset.images, rows, steps=1, learning_rate=3e-3, batch_size=12)
+    last = warm_start_tower(model, dataset.images, rows, steps=60, learning_rate=3e-3, batch_size=12)
+    assert last < 0.7 * first, (first, last)
+    after = _part_states(model)
+    assert not all(torch.equal(after["vision_tower"][k], v) for k, v in before["vision_tower"].items())
+    for part in ("language_model", "generator"):
+        assert all(torch.equal(after[part][k], v) for k, v in before[part].items()), part
+    assert torch.equal(after["lm_head"], before["lm_head"])
+
+    with pytest.raises(ValueError, match="warm_start takes steps"):
+        tiny_recipe(tmp_path, **{"model.init_vision": {"warm_start": {"step": 3}}})
+    with pytest.raises(ValueError, match="needs stage scratch"):
+        tiny_recipe(tmp_path, **{"model.init_vision": {"warm_start": {"steps": 3}}, "data.dataset": "llava"})

@@ -13,6 +13,7 @@ def build_tokenizer(
     add_bos: bool = True,
     chat_template=None,
     model_max_length: int = 2048,
+    added_phrases: Iterable[str] = (),
 ):
     """Train a byte-level BPE tokenizer on ``texts``.
 
@@ -20,13 +21,21 @@ def build_tokenizer(
     ``add_special_tokens=True`` and ``add_bos``), ``eos`` = ``</s>``, ``pad`` = ``<pad>``; ``<image>`` is
     the image placeholder. Decoding is an exact round trip of the encoded text. The vicuna_v1 chat
     template is attached unless ``chat_template`` is given. Set ``model_max_length`` to the model's
-    ``max_position_embeddings`` so over-long prompts are rejected by the processor.
+    ``max_position_embeddings`` so over-long prompts are rejected by the processor. Each of ``added_phrases``
+    (e.g. a chat template's fixed text, see ``template_phrases``) becomes one added token, matched before
+    BPE like a role marker, and is left out of the BPE training text.
     Returns a ``transformers.PreTrainedTokenizerFast``.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    phrases = sorted({p for p in added_phrases if p}, key=len, reverse=True)
     texts = [t for t in texts]
+    if phrases:
+        import re
+
+        pattern = re.compile("|".join(re.escape(p) for p in phrases))
+        texts = [piece for t in texts for piece in pattern.split(t) if piece]
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(
             f"build_tokenizer: vocab_size must be at least {256 + len(SPECIAL_TOKENS)} "
@@ -64,9 +73,25 @@ def build_tokenizer(
         clean_up_tokenization_spaces=False,
         model_max_length=model_max_length,
     )
+    if phrases:
+        from tokenizers import AddedToken
+
+        fast.add_tokens([AddedToken(p, normalized=False, special=False) for p in phrases])
     if chat_template is not None:
         fast.chat_template = chat_template
     return fast
 
 
-__all__ = ["build_tokenizer", "SPECIAL_TOKENS"]
+def template_phrases(chat_template: str, image_token: str = "<image>") -> list[str]:
+    """The fixed text a chat template puts around a one-image question: for vicuna_v1, the system sentence +
+    ``" USER: "`` and ``" ASSISTANT:"`` (what every prompt repeats; see ``build_tokenizer(added_phrases=)``)."""
+    from jinja2 import Template
+
+    marker = "\x00"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": marker}]}]
+    rendered = Template(chat_template).render(messages=messages, add_generation_prompt=True)
+    pieces = [p for part in rendered.split(image_token) for p in part.split(marker)]
+    return [p for p in pieces if p.strip()]
+
+
+__all__ = ["build_tokenizer", "template_phrases", "SPECIAL_TOKENS"]

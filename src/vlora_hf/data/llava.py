@@ -36,6 +36,7 @@ import torch
 from ..processing.chat_templates import PLAIN_TEMPLATE, VICUNA_V1_TEMPLATE
 
 IGNORE_INDEX = -100
+_ENCODE_CACHE_SIZE = 100_000  # distinct conversations kept tokenised (a real dataset's are mostly distinct)
 IMAGE_TOKEN = "<image>"
 MODES = {"vicuna_v1": VICUNA_V1_TEMPLATE, "plain": PLAIN_TEMPLATE}
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -238,13 +239,18 @@ class LLaVADataset(torch.utils.data.Dataset):
         model_max_length: truncate longer samples (default: ``tokenizer.model_max_length`` when finite).
         image_token_id: id written for the placeholder (default: the tokenizer's ``<image>`` id); set it to the
             model's ``config.image_token_id``.
-        check_images: verify at construction that every image file exists (ValueError naming the record).
-    All records are validated at construction; tokenisation and image loading are lazy.
+        check_images: verify at construction that every image exists (ValueError naming the record).
+        chat_template: the template for ``vicuna_v1`` mode (default ``VICUNA_V1_TEMPLATE``), e.g. the processor's.
+        images: in-memory images by the records' ``"image"`` value instead of files: PIL images (through
+            ``image_processor``) or tensors taken as preprocessed pixel values [3, H, W] (a synthetic set such as
+            shapes-vqa, drawn in memory, preprocessed once).
+    All records are validated at construction; tokenisation and image loading are lazy, and identical
+    conversations are tokenised once (a synthetic set repeats a few hundred of them).
     """
 
     def __init__(self, data, tokenizer, image_folder=None, image_processor=None, mode: str = "vicuna_v1",
                  model_max_length: int | None = None, image_token_id: int | None = None,
-                 check_images: bool = True, chat_template: str | None = None):
+                 check_images: bool = True, chat_template: str | None = None, images: Mapping | None = None):
         if mode not in MODES:
             raise ValueError(f"unknown data mode {mode!r}; expected one of {sorted(MODES)}")
         self.records = load_records(data)
@@ -261,13 +267,20 @@ class LLaVADataset(torch.utils.data.Dataset):
         self.model_max_length = model_max_length
         self.tokenizer_image_id = image_token_id_of(tokenizer)
         self.image_token_id = self.tokenizer_image_id if image_token_id is None else int(image_token_id)
+        self.images = images
         self.samples = [to_messages(r, i, mode) for i, r in enumerate(self.records)]
         if check_images:
             for i, (_, image) in enumerate(self.samples):
-                if image is not None and not (self.image_folder / image).is_file():
+                if image is None:
+                    continue
+                if images is not None and image not in images:
+                    raise ValueError(f"LLaVA record {record_id(self.records[i], i)}: image {image!r} is not among "
+                                     f"the {len(images)} in-memory images")
+                if images is None and not (self.image_folder / image).is_file():
                     raise ValueError(f"LLaVA record {record_id(self.records[i], i)}: image file "
                                      f"{self.image_folder / image} does not exist")
         self.features: dict[str, torch.Tensor] | None = None  # image path -> [P, Dv] once precomputed
+        self._encoded: dict[tuple, tuple[list[int], list[int]]] = {}  # conversation -> (ids, labels)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -286,6 +299,16 @@ class LLaVADataset(torch.utils.data.Dataset):
         return [(1 if img else -1) * sum(len(m["content"].split()) for m in msgs) for msgs, img in self.samples]
 
     def encode(self, i: int) -> tuple[list[int], list[int]]:
+        messages, image = self.samples[i]
+        key = tuple((m["role"], m["content"]) for m in messages)
+        if key not in self._encoded:
+            encoded = self._encode(i)
+            if len(self._encoded) < _ENCODE_CACHE_SIZE:
+                self._encoded[key] = encoded
+            return encoded
+        return self._encoded[key]
+
+    def _encode(self, i: int) -> tuple[list[int], list[int]]:
         messages, image = self.samples[i]
         ids, labels, _ = encode_messages(self.tokenizer, messages, self.mode, self.chat_template)
         n = ids.count(self.tokenizer_image_id)
@@ -308,6 +331,10 @@ class LLaVADataset(torch.utils.data.Dataset):
     def load_image(self, i: int):
         from PIL import Image
 
+        if self.images is not None:
+            if not self.has_image(i):
+                raise ValueError(f"LLaVA record {record_id(self.records[i], i)} has no image")
+            return self.images[self.samples[i][1]]
         path = self.image_path(i)
         if path is None:
             raise ValueError(f"LLaVA record {record_id(self.records[i], i)} has no image")
@@ -320,10 +347,13 @@ class LLaVADataset(torch.utils.data.Dataset):
             raise ValueError(f"LLaVA record {record_id(self.records[i], i)}: cannot read image {path}: {e}") from None
 
     def pixel_values(self, i: int) -> torch.Tensor:
+        image = self.load_image(i) if self.images is not None else None
+        if isinstance(image, torch.Tensor):  # preprocessed in memory
+            return image
         if self.image_processor is None:
             raise ValueError(f"LLaVA record {record_id(self.records[i], i)} has an image but the dataset was "
                              "given no image_processor")
-        return _pixels(self.image_processor, self.load_image(i))
+        return _pixels(self.image_processor, image if image is not None else self.load_image(i))
 
     def __getitem__(self, i: int) -> dict:
         ids, labels = self.encode(i)

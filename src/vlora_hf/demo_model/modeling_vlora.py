@@ -7,7 +7,6 @@ its row gets that image's low-rank deltas, the placeholder itself is never atten
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path

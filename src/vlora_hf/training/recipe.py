@@ -43,12 +43,15 @@ DEFAULTS: dict[str, Any] = {
         "vlora": {},  # VLoRAConfig kwargs (generator_hidden_size, lora_rank, target_modules, skip_layers, ...)
         "dtype": None,  # load dtype for pretrained parts (float32 default)
         "init_lora_B_std": None,  # random init: normal(0, std) for the static B factors instead of zeros
-        "init_vision": None,  # random init of a ViT tower: {patch_embedding: fan_in, position_embedding: sincos}
+        "init_vision": None,  # scratch ViT tower: {patch_embedding: fan_in, position_embedding: sincos,
+        #                       warm_start: {steps, learning_rate, batch_size}} (warm_start.py)
     },
     "tokenizer": {
         "path": None,  # default: the text model's / checkpoint's tokenizer
-        "build": None,  # {vocab_size: N}: train a byte-level BPE tokenizer on the data's texts
-        "chat_template": None,  # vicuna_v1 (default) | plain | vicuna_v1_no_system | a jinja string
+        "build": None,  # {vocab_size: N, template_tokens: bool}: a byte-level BPE tokenizer trained on the
+        #                 rendered training conversations; template_tokens: the template's fixed text (system
+        #                 sentence + "USER: ", " ASSISTANT:") becomes one added token each
+        "chat_template": None,  # vicuna_v1 (default) | plain | a jinja string
     },
     "image_processor": {},
     "data": {
@@ -56,6 +59,7 @@ DEFAULTS: dict[str, Any] = {
         "num_images": 1000,
         "seed": 0,
         "image_size": None,
+        "question_weights": None,  # shapes: {question: weight} repeats (w > 1) or thins (w < 1) that question's rows
         "path": None,  # llava: the conversation json
         "image_folder": None,  # llava: image root
         "max_length": None,
@@ -164,8 +168,21 @@ def validate(recipe: dict) -> dict:
             f"model: a randomly initialised model (text_config) only makes sense with stage 'scratch', "
             f"not {recipe['stage']!r}"
         )
-    if recipe["tokenizer"].get("build") and recipe["tokenizer"].get("path"):
+    warm = (m.get("init_vision") or {}).get("warm_start")
+    if warm:
+        if recipe["stage"] != "scratch" or recipe["data"]["dataset"] != "shapes":
+            raise ValueError("model.init_vision.warm_start trains a scratch tower on shapes-vqa's answers: it needs "
+                             f"stage scratch and data.dataset shapes (got {recipe['stage']!r}, "
+                             f"{recipe['data']['dataset']!r})")
+        if set(warm) - {"steps", "learning_rate", "batch_size"} or "steps" not in warm:
+            raise ValueError(f"model.init_vision.warm_start takes steps (required), learning_rate, batch_size; "
+                             f"got {sorted(warm)}")
+    build = recipe["tokenizer"].get("build")
+    if build and recipe["tokenizer"].get("path"):
         raise ValueError("tokenizer: give `path` or `build`, not both")
+    if build and set(build) - {"vocab_size", "template_tokens"}:
+        raise ValueError(f"tokenizer.build: unknown key(s) {sorted(set(build) - {'vocab_size', 'template_tokens'})}; "
+                         "expected vocab_size, template_tokens")
     return recipe
 
 

@@ -148,11 +148,6 @@ def build_processor(tokenizer, image_processor, chat_template=None):
     return VLoRAProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
 
 
-def corpus_texts(rows, template_texts) -> list[str]:
-    texts = [f"{q} {a}" for _, q, a in rows]
-    return texts + list(template_texts)
-
-
 def build_model_and_processor(recipe: dict, rows_for_tokenizer=None):
     """-> (model, processor) following recipe["model"] and recipe["tokenizer"]."""
     import torch
@@ -208,13 +203,14 @@ def build_model_and_processor(recipe: dict, rows_for_tokenizer=None):
     if t.get("path"):
         tokenizer = AutoTokenizer.from_pretrained(t["path"])
     elif t.get("build"):
-        from ..tokenization import build_tokenizer
+        from ..tokenization import build_tokenizer, template_phrases
 
         build = dict(t["build"])
         template = resolve_chat_template(t.get("chat_template")) or resolve_chat_template("vicuna_v1")
-        rendered = _render_samples(template, rows_for_tokenizer or [])
-        tokenizer = build_tokenizer(corpus_texts(rows_for_tokenizer or [], rendered),
-                                    vocab_size=int(build.get("vocab_size", 512)), chat_template=template)
+        phrases = template_phrases(template) if build.get("template_tokens") else ()
+        tokenizer = build_tokenizer(tokenizer_corpus(template, rows_for_tokenizer),
+                                    vocab_size=int(build.get("vocab_size", 512)), chat_template=template,
+                                    added_phrases=phrases)
     else:
         raise ValueError("tokenizer: a model from configs needs `tokenizer.path` or `tokenizer.build`")
     text_config = dict(m["text_config"])
@@ -265,6 +261,11 @@ def init_vision_tower(model, spec) -> None:
         return
     import torch
 
+    unknown = sorted(set(spec) - {"patch_embedding", "position_embedding", "warm_start"})
+    if unknown:
+        raise ValueError(f"model.init_vision: unknown key(s) {unknown}; expected patch_embedding, "
+                         "position_embedding, warm_start")
+
     emb = getattr(getattr(model.model.vision_tower, "vision_model", model.model.vision_tower), "embeddings")
     with torch.no_grad():
         if spec.get("patch_embedding") == "fan_in":
@@ -300,20 +301,22 @@ def _as_config(d: dict, default_type: str = "clip_vision_model"):
     return AutoConfig.for_model(d.pop("model_type", default_type), **d)
 
 
-def _render_samples(template: str, rows) -> list[str]:
-    """Chat-formatted samples for the tokenizer corpus: the template's fixed text gets merged too."""
+def tokenizer_corpus(template: str, rows) -> list[str]:
+    """The training conversations as the model will read them (template included): one text per row, so the
+    template's fixed text is as frequent in the corpus as in training."""
     from jinja2 import Template
 
     from .data import user_message
 
-    questions = sorted({q for _, q, _ in rows}) or ["Describe the image."]
+    rows = rows or [(0, "Describe the image.", "")]
     env_template = Template(template)
-    out = []
-    for q in questions:
-        msgs = user_message(q) + [{"role": "assistant", "content": "x"}]
-        out.append(env_template.render(messages=msgs, add_generation_prompt=False,
-                                       raise_exception=lambda m: (_ for _ in ()).throw(ValueError(m))))
-    return out * 20
+    rendered: dict[tuple[str, str], str] = {}
+    for _, q, a in rows:
+        if (q, a) not in rendered:
+            msgs = user_message(q) + [{"role": "assistant", "content": a}]
+            rendered[(q, a)] = env_template.render(messages=msgs, add_generation_prompt=False,
+                                                   raise_exception=lambda m: (_ for _ in ()).throw(ValueError(m)))
+    return [rendered[(q, a)] for _, q, a in rows]
 
 
 def unused_tower_modules(model) -> list:
@@ -364,17 +367,70 @@ def apply_stage(model, stage: str) -> dict:
 
 def load_rows(recipe: dict):
     """shapes -> (PIL images, rows [(image index, question, answer)], held-out (images, rows) or None)."""
+    from ..data import shapes
+
     d = recipe["data"]
     if d["dataset"] != "shapes":
         raise ValueError(f"load_rows reads shapes-vqa, not {d['dataset']!r}")
-    from . import shapes_source
+    images, rows = shapes.make_rows(int(d["num_images"]), seed=int(d["seed"]), image_size=d.get("image_size"))
+    if d.get("question_weights"):
+        rows = weight_rows(rows, d["question_weights"], seed=int(d["seed"]))
+    return images, rows, heldout_rows(recipe)
 
-    images, rows = shapes_source.make_rows(int(d["num_images"]), seed=int(d["seed"]), image_size=d.get("image_size"))
+
+def weight_rows(rows, weights: dict, seed: int = 0):
+    """Repeat or thin rows per question: weight w keeps int(w) copies of each row plus one more with probability
+    frac(w) (seeded), e.g. {"What color is the shape?": 0.25, "What shape is this?": 2} spends the steps on
+    what is hard to learn. Questions not named keep weight 1."""
+    questions = {q for _, q, _ in rows}
+    unknown = sorted(set(weights) - questions)
+    if unknown:
+        raise ValueError(f"data.question_weights names question(s) {unknown} that the data does not ask; "
+                         f"questions: {sorted(questions)}")
+    bad = {q: w for q, w in weights.items() if not isinstance(w, (int, float)) or w < 0}
+    if bad:
+        raise ValueError(f"data.question_weights must be numbers >= 0, got {bad}")
+    rng = random.Random(f"question_weights/{seed}")
+    out = []
+    for row in rows:
+        w = float(weights.get(row[1], 1))
+        copies = int(w) + (1 if rng.random() < w - int(w) else 0)
+        out += [row] * copies
+    return out
+
+
+def heldout_rows(recipe: dict):
+    """The held-out shapes-vqa split of recipe["eval"]["shapes"] as (images, rows), or None."""
+    from ..data import shapes
+
     held = (recipe["eval"] or {}).get("shapes")
-    eval_data = None
-    if held:
-        eval_data = shapes_source.heldout_rows(int(held["num_images"]), seed=int(held["seed"]))
-    return images, rows, eval_data
+    if not held:
+        return None
+    return shapes.make_rows(int(held["num_images"]), seed=int(held["seed"]), split="eval",
+                            image_size=recipe["data"].get("image_size"))
+
+
+def shapes_dataset(images, rows, processor, **kwargs):
+    """shapes-vqa drawn in memory -> a `LLaVADataset` (one record per row; each image preprocessed once).
+
+    rows: (image index, question, answer); kwargs go to `LLaVADataset` (the chat template defaults to the
+    processor's)."""
+    from ..data.llava import LLaVADataset
+    from ..data.shapes import conversation
+    from .data import preprocess_bank
+
+    records = [{"id": f"shapes-{k}", "image": str(i), "conversations": conversation(q, a)}
+               for k, (i, q, a) in enumerate(rows)]
+    bank = preprocess_bank(images, processor.image_processor)
+    kwargs.setdefault("chat_template", processor_template(processor))
+    kwargs.setdefault("image_token_id", processor.image_token_id)
+    return LLaVADataset(records, processor.tokenizer, image_processor=processor.image_processor,
+                        images={str(i): px for i, px in enumerate(bank)}, **kwargs)
+
+
+def processor_template(processor):
+    template = processor.chat_template
+    return template.get("default") if isinstance(template, dict) else template
 
 
 def llava_tokenizer_rows(path) -> list[tuple[int, str, str]]:
@@ -390,40 +446,31 @@ def llava_tokenizer_rows(path) -> list[tuple[int, str, str]]:
 
 
 def build_training_data(recipe: dict, model, processor, shapes_data=None):
-    """-> (train dataset, collator) for recipe["data"]."""
-    from .data import BankCollator, ImageQADataset, PromptEncoder, precompute_features, preprocess_bank
+    """-> (train dataset, collator) for recipe["data"]: a `LLaVADataset` over files, or over shapes-vqa drawn in
+    memory (each image preprocessed once)."""
+    from ..data.llava import LLaVACollator, LLaVADataset, vision_feature_encoder
 
     d = recipe["data"]
     precompute = bool(d.get("precompute_image_features"))
     if precompute and STAGES[recipe["stage"]]["vision_tower"]:
         raise ValueError("data.precompute_image_features needs a frozen tower (stage pretrain or finetune)")
+    mode = d.get("mode") or "vicuna_v1"
+    common = dict(mode=mode, model_max_length=d.get("max_length"), image_token_id=model.config.image_token_id,
+                  chat_template=processor_template(processor) if mode == "vicuna_v1" else None)
     if d["dataset"] == "shapes":
         images, rows, _ = shapes_data or load_rows(recipe)
-        dataset = ImageQADataset(rows, PromptEncoder(processor, max_length=d.get("max_length")))
-        bank = preprocess_bank(images, processor.image_processor)
-        key = "pixel_values"
-        if precompute:
-            bank, key = precompute_features(model, bank), "image_features"
-            log(f"precomputed tower features for {len(bank)} images: {list(bank.shape)}")
-        return dataset, BankCollator(bank, processor.tokenizer.pad_token_id, key=key)
-    if d["dataset"] == "llava":
+        dataset = shapes_dataset(images, rows, processor, **common)
+    elif d["dataset"] == "llava":
         if not d.get("path"):
             raise ValueError("data.dataset llava needs data.path (the conversations json)")
-        from ..data.llava import LLaVACollator, LLaVADataset, vision_feature_encoder
-
-        template = processor.chat_template
-        if isinstance(template, dict):
-            template = template.get("default")
-        mode = d.get("mode") or "vicuna_v1"
         dataset = LLaVADataset(d["path"], processor.tokenizer, image_folder=d.get("image_folder"),
-                               image_processor=processor.image_processor, mode=mode,
-                               model_max_length=d.get("max_length"), image_token_id=model.config.image_token_id,
-                               chat_template=template if mode == "vicuna_v1" else None)
-        if precompute:
-            n = dataset.precompute_image_features(vision_feature_encoder(model), cache_file=d.get("feature_cache"))
-            log(f"precomputed tower features for {n} images")
-        return dataset, LLaVACollator(processor.tokenizer.pad_token_id)
-    raise ValueError(f"data.dataset must be 'shapes' or 'llava', got {d['dataset']!r}")
+                               image_processor=processor.image_processor, **common)
+    else:
+        raise ValueError(f"data.dataset must be 'shapes' or 'llava', got {d['dataset']!r}")
+    if precompute:
+        n = dataset.precompute_image_features(vision_feature_encoder(model), cache_file=d.get("feature_cache"))
+        log(f"precomputed tower features for {n} images")
+    return dataset, LLaVACollator(processor.tokenizer.pad_token_id)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -526,12 +573,14 @@ def run(recipe: dict) -> dict:
     counts = apply_stage(model, recipe["stage"])
     log(f"stage {recipe['stage']}: trainable parameters {counts} of {sum(p.numel() for p in model.parameters()):,}")
     dataset, collator = build_training_data(recipe, model, processor, shapes_data)
-    held = (recipe["eval"] or {}).get("shapes")
-    eval_data = shapes_data[2] if shapes_data else None
-    if held and eval_data is None:
-        from . import shapes_source
+    warm = (recipe["model"].get("init_vision") or {}).get("warm_start")
+    if warm:  # (checked by recipe.validate: stage scratch, shapes data)
+        from .warm_start import warm_start_tower
 
-        eval_data = shapes_source.heldout_rows(int(held["num_images"]), seed=int(held["seed"]))
+        warm_start_tower(model, dataset.images, shapes_data[1], steps=int(warm["steps"]),
+                         learning_rate=float(warm.get("learning_rate", 1e-3)),
+                         batch_size=int(warm.get("batch_size", 48)), seed=seed, log=log)
+    eval_data = shapes_data[2] if shapes_data else heldout_rows(recipe)
     log(f"data: {d['dataset']}, {len(dataset)} training rows")
 
     output_dir = recipe["output_dir"]
@@ -587,10 +636,13 @@ def run(recipe: dict) -> dict:
 def card_notes(recipe: dict, summary: dict) -> list[str]:
     import torch
 
+    processes, threads = int(summary.get("world_size", 1)), torch.get_num_threads()
+    where = (f"{processes} process{'es' if processes > 1 else ''} ({'DDP, ' if processes > 1 else ''}"
+             f"{threads} CPU thread{'s' if threads > 1 else ''} each)")
     notes = [
         f"Trained with `vlora-hf train` (stage `{recipe['stage']}`): {summary['steps']} optimizer steps, "
         f"{summary['train_seconds'] / 60:.1f} min of training ({summary.get('total_seconds', 0) / 60:.1f} min in all, "
-        f"data and evaluation included) on {torch.get_num_threads()} CPU threads, seed {recipe['seed']}.",
+        f"data and evaluation included) on {where}, seed {recipe['seed']}.",
     ]
     d = recipe["data"]
     if d["dataset"] == "shapes":
