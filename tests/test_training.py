@@ -357,6 +357,46 @@ def test_answer_word_targets_and_question_weights():
         weight_rows(rows, {"Describe the image.": -1})
 
 
+WARM_START_SCRIPT = """
+import os, sys, torch
+from vlora_hf.training.recipe import resolve_recipe
+from vlora_hf.training.train import build_model_and_processor, load_rows, shapes_dataset
+from vlora_hf.training.warm_start import warm_start_tower
+
+torch.set_num_threads(1)
+if "WORLD_SIZE" in os.environ:
+    torch.distributed.init_process_group("gloo")
+recipe = resolve_recipe(sys.argv[1])
+images, rows, _ = load_rows(recipe)
+torch.manual_seed(0)
+model, processor = build_model_and_processor(recipe, rows_for_tokenizer=rows)
+dataset = shapes_dataset(images, rows, processor)
+warm_start_tower(model, dataset.images, rows, steps=3, learning_rate=3e-3, batch_size=8, log=lambda m: None)
+rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+torch.save(model.model.vision_tower.state_dict(), sys.argv[2] + f".{rank}")
+"""
+
+
+def test_warm_start_splits_batches_across_processes(tmp_path):
+    """Two gloo processes with half the batch each end with the tower one process trains on the whole batch."""
+    recipe = tiny_recipe(tmp_path, **{"data.num_images": 12})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    (tmp_path / "ws.py").write_text(WARM_START_SCRIPT)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    args = [str(tmp_path / "ws.py"), str(tmp_path / "r.yaml")]
+    for cmd in ([sys.executable, *args, str(tmp_path / "one")],
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                 *args, str(tmp_path / "two")]):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one, two, other = (torch.load(tmp_path / name) for name in ("one.0", "two.0", "two.1"))
+    for key, value in one.items():
+        if key.endswith("k_proj.bias"):  # softmax ignores it: its gradient is rounding noise that Adam scales up
+            continue
+        assert torch.allclose(two[key], value, atol=1e-6), key
+        assert torch.equal(two[key], other[key]), key
+
+
 def test_tower_warm_start_trains_only_the_tower(tmp_path):
     """The warm start lowers its answer-word loss and touches the tower alone; bad specs raise."""
     from vlora_hf.training.train import load_rows, shapes_dataset

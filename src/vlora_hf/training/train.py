@@ -575,7 +575,11 @@ def run(recipe: dict) -> dict:
     dataset, collator = build_training_data(recipe, model, processor, shapes_data)
     warm = (recipe["model"].get("init_vision") or {}).get("warm_start")
     if warm:  # (checked by recipe.validate: stage scratch, shapes data)
+        from accelerate import PartialState
+
         from .warm_start import warm_start_tower
+
+        PartialState()  # joins the launch's process group now, so the processes split the warm start
 
         warm_start_tower(model, dataset.images, shapes_data[1], steps=int(warm["steps"]),
                          learning_rate=float(warm.get("learning_rate", 1e-3)),

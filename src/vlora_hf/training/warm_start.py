@@ -5,6 +5,8 @@ weight deltas learns shape features slowly (the signal reaches it through the ge
 short supervised pass first -- mean of the tower's features (those the generator reads) -> one linear layer -> which answer words
 (``red``, ``circle``, ``3``, ``squares``, ...) the image's questions have, as multi-label targets -- gives
 the tower features the generator can read from the first VLoRA step. The linear head is thrown away.
+Under a multi-process launch the processes split each batch and average gradients (data parallel), so the
+warm start costs 1/world of its single-process wall time and every process ends with the same tower.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ def warm_start_tower(model, images, rows, steps: int, learning_rate: float = 1e-
     """Train `model`'s vision tower (in place) for `steps` on answer-word targets; returns the last loss.
 
     images: the preprocessed training images, ``images[str(i)]`` = pixels [3, H, W] of row image index i (a
-    `LLaVADataset`'s in-memory ``images``)."""
+    `LLaVADataset`'s in-memory ``images``). batch_size is the global batch: with an initialised process group
+    each of the `world` processes computes batch_size / world rows of it."""
     if steps <= 0:
         return float("nan")
     num_images = len(images)
@@ -38,25 +41,51 @@ def warm_start_tower(model, images, rows, steps: int, learning_rate: float = 1e-
     tower = model.model.vision_tower
     param = next(tower.parameters())
     head = torch.nn.Linear(model.config.vision_config.hidden_size, len(words)).to(param.device, param.dtype)
-    optimizer = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=learning_rate, weight_decay=0.0)
+    params = [*tower.parameters(), *head.parameters()]
+    rank, world = _process_group()
+    if world > 1:  # identical starting point everywhere (the head is drawn per process)
+        for p in params:
+            torch.distributed.broadcast(p.data, src=0)
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     was_training = tower.training
     tower.train()
     start, last = time.time(), float("nan")
     for step in range(steps):
-        index = torch.randint(0, num_images, (batch_size,), generator=generator)
+        index = torch.randint(0, num_images, (batch_size,), generator=generator)[rank::world]  # same draw everywhere
         pixels = torch.stack([images[str(i)] for i in index.tolist()]).to(param.device)
         features = model.model.get_vision_features(pixels)  # what the generator reads
         logits = head(features.mean(dim=1))
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets[index].to(logits))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:
+            _average_gradients(params, world)
         optimizer.step()
         last = loss.item()
         if (step + 1) % max(1, steps // 5) == 0:
             log(f"tower warm start: step {step + 1}/{steps} loss {last:.4f} {time.time() - start:.0f} s")
     tower.train(was_training)
     return last
+
+
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of the initialised torch.distributed group, (0, 1) without one."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _average_gradients(params, world: int) -> None:
+    grads = [p.grad for p in params if p.grad is not None]  # the same set everywhere (unused: final norm)
+    flat = torch.cat([g.reshape(-1) for g in grads])  # one all-reduce per step, not one per tensor
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 __all__ = ["answer_word_targets", "warm_start_tower"]
