@@ -43,6 +43,9 @@ def warm_start_tower(model, images, rows, steps: int, learning_rate: float = 1e-
     head = torch.nn.Linear(model.config.vision_config.hidden_size, len(words)).to(param.device, param.dtype)
     params = [*tower.parameters(), *head.parameters()]
     rank, world = _process_group()
+    if batch_size < world:
+        raise ValueError(f"model.init_vision.warm_start.batch_size={batch_size} is the global batch: it must be at "
+                         f"least the number of processes ({world})")
     if world > 1:  # identical starting point everywhere (the head is drawn per process)
         for p in params:
             torch.distributed.broadcast(p.data, src=0)
