@@ -299,14 +299,13 @@ class LLaVADataset(torch.utils.data.Dataset):
         return [(1 if img else -1) * sum(len(m["content"].split()) for m in msgs) for msgs, img in self.samples]
 
     def encode(self, i: int) -> tuple[list[int], list[int]]:
-        messages, image = self.samples[i]
-        key = tuple((m["role"], m["content"]) for m in messages)
-        if key not in self._encoded:
+        key = tuple((m["role"], m["content"]) for m in self.samples[i][0])
+        encoded = self._encoded.get(key)
+        if encoded is None:
             encoded = self._encode(i)
             if len(self._encoded) < _ENCODE_CACHE_SIZE:
                 self._encoded[key] = encoded
-            return encoded
-        return self._encoded[key]
+        return encoded
 
     def _encode(self, i: int) -> tuple[list[int], list[int]]:
         messages, image = self.samples[i]
@@ -347,13 +346,13 @@ class LLaVADataset(torch.utils.data.Dataset):
             raise ValueError(f"LLaVA record {record_id(self.records[i], i)}: cannot read image {path}: {e}") from None
 
     def pixel_values(self, i: int) -> torch.Tensor:
-        image = self.load_image(i) if self.images is not None else None
+        image = self.load_image(i)
         if isinstance(image, torch.Tensor):  # preprocessed in memory
             return image
         if self.image_processor is None:
             raise ValueError(f"LLaVA record {record_id(self.records[i], i)} has an image but the dataset was "
                              "given no image_processor")
-        return _pixels(self.image_processor, image if image is not None else self.load_image(i))
+        return _pixels(self.image_processor, image)
 
     def __getitem__(self, i: int) -> dict:
         ids, labels = self.encode(i)
