@@ -229,8 +229,10 @@ def test_pretrain_stage_leaves_llm_and_tower_bit_identical(tmp_path, tiny_checkp
 
 def test_precompute_features_needs_a_frozen_tower(tmp_path, capsys):
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(tiny_recipe(tmp_path, **{"data.precompute_image_features": True})))
-    assert main(["--recipe", str(path)]) == 1
+    recipe = tiny_recipe(tmp_path)  # stage scratch: the tower trains
+    recipe["data"]["precompute_image_features"] = True
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["--recipe", str(path)]) == 2  # a recipe error, found before any work
     assert "needs a frozen tower" in capsys.readouterr().err
 
 
@@ -397,6 +399,21 @@ def test_warm_start_splits_batches_across_processes(tmp_path):
         assert torch.equal(two[key], other[key]), key
 
 
+def test_frozen_warm_started_tower_trains_on_precomputed_features(tmp_path):
+    """freeze_tower: VLoRA training keeps the tower as the warm start left it and may precompute its features;
+    the saved tower equals that of a run whose VLoRA steps have learning rate 0, while the rest trained."""
+    warm = {"steps": 4, "learning_rate": 3e-3, "batch_size": 8}
+    frozen = tiny_recipe(tmp_path / "a", **{"model.init_vision": {"warm_start": {**warm, "freeze_tower": True}},
+                                            "data.precompute_image_features": True})
+    still = tiny_recipe(tmp_path / "b", **{"model.init_vision": {"warm_start": warm}, "training.learning_rate": 0.0})
+    summary = run(frozen)
+    run(still)
+    assert summary["trainable"]["vision_tower"] == 0
+    a, b = _part_states(load(frozen["output_dir"])[0]), _part_states(load(still["output_dir"])[0])
+    assert all(torch.equal(a["vision_tower"][k], v) for k, v in b["vision_tower"].items())
+    assert not any(torch.equal(a["generator"][k], v) for k, v in b["generator"].items() if k.endswith("weight"))
+
+
 def test_tower_warm_start_trains_only_the_tower(tmp_path):
     """The warm start lowers its answer-word loss and touches the tower alone; bad specs raise."""
     from vlora_hf.training.train import load_rows, shapes_dataset
@@ -408,6 +425,10 @@ def test_tower_warm_start_trains_only_the_tower(tmp_path):
     model, processor = build_model_and_processor(recipe, rows_for_tokenizer=rows)
     dataset = shapes_dataset(images, rows, processor)
     before = _part_states(model)
+    # The schedule reaches the optimizer: the first step of a linear warm-up has learning rate 0.
+    warm_start_tower(model, dataset.images, rows, steps=1, learning_rate=3e-3, batch_size=12,
+                     lr_scheduler_type="constant_with_warmup", warmup_steps=2)
+    assert all(torch.equal(v, before["vision_tower"][k]) for k, v in _part_states(model)["vision_tower"].items())
     first = warm_start_tower(model, dataset.images, rows, steps=1, learning_rate=3e-3, batch_size=12)
     last = warm_start_tower(model, dataset.images, rows, steps=60, learning_rate=3e-3, batch_size=12)
     assert last < 0.7 * first, (first, last)
@@ -419,5 +440,9 @@ def test_tower_warm_start_trains_only_the_tower(tmp_path):
 
     with pytest.raises(ValueError, match="warm_start takes steps"):
         tiny_recipe(tmp_path, **{"model.init_vision": {"warm_start": {"step": 3}}})
+    with pytest.raises(ValueError, match="lr_scheduler_type must be one of"):
+        tiny_recipe(tmp_path, **{"model.init_vision": {"warm_start": {"steps": 3, "lr_scheduler_type": "cosin"}}})
+    with pytest.raises(ValueError, match="use 'constant_with_warmup'"):
+        tiny_recipe(tmp_path, **{"model.init_vision": {"warm_start": {"steps": 3, "warmup_steps": 2}}})
     with pytest.raises(ValueError, match="needs stage scratch"):
         tiny_recipe(tmp_path, **{"model.init_vision": {"warm_start": {"steps": 3}}, "data.dataset": "llava"})

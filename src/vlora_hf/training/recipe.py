@@ -44,7 +44,8 @@ DEFAULTS: dict[str, Any] = {
         "dtype": None,  # load dtype for pretrained parts (float32 default)
         "init_lora_B_std": None,  # random init: normal(0, std) for the static B factors instead of zeros
         "init_vision": None,  # scratch ViT tower: {patch_embedding: fan_in, position_embedding: sincos,
-        #                       warm_start: {steps, learning_rate, batch_size}} (warm_start.py)
+        #                       warm_start: {steps, learning_rate, batch_size, lr_scheduler_type, warmup_steps,
+        #                                    freeze_tower}}
     },
     "tokenizer": {
         "path": None,  # default: the text model's / checkpoint's tokenizer
@@ -174,9 +175,17 @@ def validate(recipe: dict) -> dict:
             raise ValueError("model.init_vision.warm_start trains a scratch tower on shapes-vqa's answers: it needs "
                              f"stage scratch and data.dataset shapes (got {recipe['stage']!r}, "
                              f"{recipe['data']['dataset']!r})")
-        if set(warm) - {"steps", "learning_rate", "batch_size"} or "steps" not in warm:
-            raise ValueError(f"model.init_vision.warm_start takes steps (required), learning_rate, batch_size; "
-                             f"got {sorted(warm)}")
+        from .warm_start import WARM_START_ARGS, check_schedule
+
+        keys = {*WARM_START_ARGS, "freeze_tower"}  # freeze_tower: applied after the warm start, by the trainer
+        if set(warm) - keys or "steps" not in warm:
+            raise ValueError(f"model.init_vision.warm_start takes steps (required) and "
+                             f"{sorted(keys - {'steps'})}; got {sorted(warm)}")
+        check_schedule(**{k: WARM_START_ARGS[k](warm[k]) for k in ("lr_scheduler_type", "warmup_steps") if k in warm})
+    tower_trains = STAGES[recipe["stage"]]["vision_tower"] and not (warm or {}).get("freeze_tower")
+    if recipe["data"].get("precompute_image_features") and tower_trains:
+        raise ValueError("data.precompute_image_features needs a frozen tower (stage pretrain or finetune, or "
+                         "model.init_vision.warm_start.freeze_tower)")
     build = recipe["tokenizer"].get("build")
     if build and recipe["tokenizer"].get("path"):
         raise ValueError("tokenizer: give `path` or `build`, not both")

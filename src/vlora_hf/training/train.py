@@ -340,9 +340,10 @@ def torch_nn_module():
     return nn.Module
 
 
-def apply_stage(model, stage: str) -> dict:
-    """Freeze what the stage keeps fixed; returns {part: trainable parameter count}."""
-    parts = STAGES[stage]
+def apply_stage(model, stage: str, freeze_tower: bool = False) -> dict:
+    """Freeze what the stage keeps fixed (and the tower too with `freeze_tower`); returns {part: trainable
+    parameter count}."""
+    parts = {**STAGES[stage], **({"vision_tower": False} if freeze_tower else {})}
     modules = {
         "vision_tower": [model.model.vision_tower],
         "generator": [model.model.generator],
@@ -448,12 +449,9 @@ def llava_tokenizer_rows(path) -> list[tuple[int, str, str]]:
 def build_training_data(recipe: dict, model, processor, shapes_data=None):
     """-> (train dataset, collator) for recipe["data"]: a `LLaVADataset` over files, or over shapes-vqa drawn in
     memory (each image preprocessed once)."""
-    from ..data.llava import LLaVACollator, LLaVADataset, vision_feature_encoder
+    from ..data.llava import LLaVACollator, LLaVADataset
 
     d = recipe["data"]
-    precompute = bool(d.get("precompute_image_features"))
-    if precompute and STAGES[recipe["stage"]]["vision_tower"]:
-        raise ValueError("data.precompute_image_features needs a frozen tower (stage pretrain or finetune)")
     mode = d.get("mode") or "vicuna_v1"
     common = dict(mode=mode, model_max_length=d.get("max_length"), image_token_id=model.config.image_token_id,
                   chat_template=processor_template(processor) if mode == "vicuna_v1" else None)
@@ -467,10 +465,17 @@ def build_training_data(recipe: dict, model, processor, shapes_data=None):
                                image_processor=processor.image_processor, **common)
     else:
         raise ValueError(f"data.dataset must be 'shapes' or 'llava', got {d['dataset']!r}")
-    if precompute:
+    return dataset, LLaVACollator(processor.tokenizer.pad_token_id)
+
+
+def precompute_features(recipe: dict, model, dataset) -> None:
+    """data.precompute_image_features: run the (frozen, final) tower once per image and train on its features."""
+    from ..data.llava import vision_feature_encoder
+
+    d = recipe["data"]
+    if d.get("precompute_image_features"):
         n = dataset.precompute_image_features(vision_feature_encoder(model), cache_file=d.get("feature_cache"))
         log(f"precomputed tower features for {n} images")
-    return dataset, LLaVACollator(processor.tokenizer.pad_token_id)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -570,20 +575,20 @@ def run(recipe: dict) -> dict:
     else:
         tok_rows = []
     model, processor = build_model_and_processor(recipe, rows_for_tokenizer=tok_rows)
-    counts = apply_stage(model, recipe["stage"])
-    log(f"stage {recipe['stage']}: trainable parameters {counts} of {sum(p.numel() for p in model.parameters()):,}")
     dataset, collator = build_training_data(recipe, model, processor, shapes_data)
     warm = (recipe["model"].get("init_vision") or {}).get("warm_start")
     if warm:  # (checked by recipe.validate: stage scratch, shapes data)
         from accelerate import PartialState
 
-        from .warm_start import warm_start_tower
+        from .warm_start import WARM_START_ARGS, warm_start_tower
 
         PartialState()  # joins the launch's process group now, so the processes split the warm start
 
-        warm_start_tower(model, dataset.images, shapes_data[1], steps=int(warm["steps"]),
-                         learning_rate=float(warm.get("learning_rate", 1e-3)),
-                         batch_size=int(warm.get("batch_size", 48)), seed=seed, log=log)
+        args = {k: WARM_START_ARGS[k](v) for k, v in warm.items() if k in WARM_START_ARGS}
+        warm_start_tower(model, dataset.images, shapes_data[1], seed=seed, log=log, **args)
+    counts = apply_stage(model, recipe["stage"], freeze_tower=bool(warm and warm.get("freeze_tower")))
+    log(f"stage {recipe['stage']}: trainable parameters {counts} of {sum(p.numel() for p in model.parameters()):,}")
+    precompute_features(recipe, model, dataset)
     eval_data = shapes_data[2] if shapes_data else heldout_rows(recipe)
     log(f"data: {d['dataset']}, {len(dataset)} training rows")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 
 import torch
+from transformers import get_scheduler
 
 
 def answer_word_targets(rows, num_images: int) -> tuple[torch.Tensor, list[str]]:
@@ -27,13 +28,33 @@ def answer_word_targets(rows, num_images: int) -> tuple[torch.Tensor, list[str]]
     return targets, words
 
 
+# The recipe's model.init_vision.warm_start keys that are `warm_start_tower` arguments, with their types.
+WARM_START_ARGS = {"steps": int, "learning_rate": float, "batch_size": int, "lr_scheduler_type": str,
+                   "warmup_steps": int}
+
+
+def check_schedule(lr_scheduler_type: str = "constant", warmup_steps: int = 0) -> None:
+    """One clear error for an unknown schedule name, or a warm-up the schedule would ignore."""
+    from transformers import SchedulerType
+
+    names = [t.value for t in SchedulerType]
+    if lr_scheduler_type not in names:
+        raise ValueError(f"warm_start.lr_scheduler_type must be one of {names}, got {lr_scheduler_type!r}")
+    if warmup_steps and lr_scheduler_type == "constant":
+        raise ValueError("warm_start: the 'constant' schedule has no warm-up; use 'constant_with_warmup' "
+                         f"for warmup_steps={warmup_steps}")
+
+
 def warm_start_tower(model, images, rows, steps: int, learning_rate: float = 1e-3, batch_size: int = 48,
-                     seed: int = 0, log=print) -> float:
+                     lr_scheduler_type: str = "constant", warmup_steps: int = 0, seed: int = 0, log=print) -> float:
     """Train `model`'s vision tower (in place) for `steps` on answer-word targets; returns the last loss.
 
     images: the preprocessed training images, ``images[str(i)]`` = pixels [3, H, W] of row image index i (a
     `LLaVADataset`'s in-memory ``images``). batch_size is the global batch: with an initialised process group
-    each of the `world` processes computes batch_size / world rows of it."""
+    each of the `world` processes computes batch_size / world rows of it. lr_scheduler_type is any of
+    transformers' schedule names ("constant", "cosine", ...); all but "constant" start with `warmup_steps`
+    of linear warm-up."""
+    check_schedule(lr_scheduler_type, warmup_steps)
     if steps <= 0:
         return float("nan")
     num_images = len(images)
@@ -50,6 +71,7 @@ def warm_start_tower(model, images, rows, steps: int, learning_rate: float = 1e-
         for p in params:
             torch.distributed.broadcast(p.data, src=0)
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    scheduler = get_scheduler(lr_scheduler_type, optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
     generator = torch.Generator().manual_seed(seed)
     was_training = tower.training
     tower.train()
@@ -65,6 +87,7 @@ def warm_start_tower(model, images, rows, steps: int, learning_rate: float = 1e-
         if world > 1:
             _average_gradients(params, world)
         optimizer.step()
+        scheduler.step()
         last = loss.item()
         if (step + 1) % max(1, steps // 5) == 0:
             log(f"tower warm start: step {step + 1}/{steps} loss {last:.4f} {time.time() - start:.0f} s")
@@ -91,4 +114,4 @@ def _average_gradients(params, world: int) -> None:
         offset += g.numel()
 
 
-__all__ = ["answer_word_targets", "warm_start_tower"]
+__all__ = ["WARM_START_ARGS", "answer_word_targets", "check_schedule", "warm_start_tower"]
