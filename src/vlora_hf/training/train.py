@@ -631,6 +631,7 @@ def run(recipe: dict) -> dict:
                 log(line)
             summary["eval"] = {k: results[k] for k in ("per_question", "counts", "overall")}
         summary["total_seconds"] = time.time() - start
+        model.config.use_cache = True  # the Trainer set it to args.use_cache (False); generation wants the cache
         save_final(model, processor, recipe, summary)
         log(f"saved to {output_dir} (total {summary['total_seconds']:.0f} s)")
         min_acc = (recipe["eval"] or {}).get("min_accuracy")
