@@ -409,6 +409,8 @@ def test_frozen_warm_started_tower_trains_on_precomputed_features(tmp_path):
     summary = run(frozen)
     run(still)
     assert summary["trainable"]["vision_tower"] == 0
+    # The Trainer turns the cache off for training; the saved model generates with it.
+    assert json.loads((Path(frozen["output_dir"]) / "config.json").read_text())["use_cache"] is True
     a, b = _part_states(load(frozen["output_dir"])[0]), _part_states(load(still["output_dir"])[0])
     assert all(torch.equal(a["vision_tower"][k], v) for k, v in b["vision_tower"].items())
     assert not any(torch.equal(a["generator"][k], v) for k, v in b["generator"].items() if k.endswith("weight"))

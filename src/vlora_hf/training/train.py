@@ -631,7 +631,6 @@ def run(recipe: dict) -> dict:
                 log(line)
             summary["eval"] = {k: results[k] for k in ("per_question", "counts", "overall")}
         summary["total_seconds"] = time.time() - start
-        model.config.use_cache = True  # the Trainer set it to args.use_cache (False); generation wants the cache
         save_final(model, processor, recipe, summary)
         log(f"saved to {output_dir} (total {summary['total_seconds']:.0f} s)")
         min_acc = (recipe["eval"] or {}).get("min_accuracy")
@@ -673,6 +672,7 @@ def save_final(model, processor, recipe: dict, summary: dict) -> None:
 
     card = recipe.get("card") or {}
     out = Path(recipe["output_dir"])
+    model.config.use_cache = True  # the Trainer sets it to args.use_cache (False); generation wants the cache
     export_folder(model, processor, out, force=True, model_id=card.get("model_id"), tags=card.get("tags"),
                   source=card.get("source"), notes=card_notes(recipe, summary))
     (out / "training_summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
