@@ -73,8 +73,9 @@ def test_build_tokenizer_specials_and_round_trip(tokenizer):
 
 
 def test_template_phrases_become_single_tokens(tmp_path):
-    """template_tokens: the vicuna_v1 system sentence + "USER: " and " ASSISTANT:" are one token each, the
-    prompt's tokens are a prefix of the trained conversation's, and the text round-trips through a reload."""
+    """template_tokens: the vicuna_v1 system sentence + "USER: ", " ASSISTANT:" (and with follow_up a further
+    turn's "USER: ") are one token each, the prompt's tokens are a prefix of the trained conversation's, and the text round-trips
+    through a reload."""
     from transformers import AutoTokenizer
 
     from vlora_hf.tokenization import template_phrases
@@ -82,7 +83,9 @@ def test_template_phrases_become_single_tokens(tmp_path):
     system = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
               "helpful, detailed, and polite answers to the user's questions.")
     assert template_phrases(VICUNA_V1_TEMPLATE) == [system + " USER: ", " ASSISTANT:"]
-    tok = build_tokenizer(CORPUS, vocab_size=300, added_phrases=template_phrases(VICUNA_V1_TEMPLATE))
+    phrases = template_phrases(VICUNA_V1_TEMPLATE, follow_up=True)
+    assert phrases == [system + " USER: ", " ASSISTANT:", "USER: "]
+    tok = build_tokenizer(CORPUS, vocab_size=300, added_phrases=phrases)
     tok.save_pretrained(tmp_path)
     tok = AutoTokenizer.from_pretrained(tmp_path)
     user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the square?"}]}]
@@ -93,7 +96,11 @@ def test_template_phrases_become_single_tokens(tmp_path):
     assert ids[: len(prompt_ids)] == prompt_ids and tok.decode(ids[1:]) == full
     tokens = tok.convert_ids_to_tokens(ids)
     assert tokens[:3] == ["<s>", system + " USER: ", "<image>"] and tokens[len(prompt_ids) - 1] == " ASSISTANT:"
-    assert len(tok) == 302
+    two_turns = user + [{"role": "assistant", "content": "red"}, {"role": "user", "content": "Why?"},
+                        {"role": "assistant", "content": "no"}]  # ids ends with "</s>": "USER: " opens turn 2
+    tokens = tok.convert_ids_to_tokens(tok(tok.apply_chat_template(two_turns, tokenize=False)).input_ids)
+    assert tokens[len(ids) - 1:len(ids) + 1] == ["</s>", "USER: "] and tokens.count(" ASSISTANT:") == 2
+    assert len(tok) == 303
 
 
 # ---------------------------------------------------------------- image processor

@@ -234,6 +234,8 @@ def test_precompute_features_needs_a_frozen_tower(tmp_path, capsys):
     path.write_text(yaml.safe_dump(recipe))
     assert main(["--recipe", str(path)]) == 2  # a recipe error, found before any work
     assert "needs a frozen tower" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="multi_turn groups shapes-vqa"):
+        tiny_recipe(tmp_path, **{"data.dataset": "llava", "data.path": "x.json", "data.multi_turn": True})
 
 
 def test_resume_continues_from_the_newest_checkpoint(tmp_path):
@@ -357,6 +359,41 @@ def test_answer_word_targets_and_question_weights():
         weight_rows(rows, {"Why?": 2})
     with pytest.raises(ValueError, match="numbers >= 0"):
         weight_rows(rows, {"Describe the image.": -1})
+
+
+
+def test_multi_turn_records(tmp_path):
+    """data.multi_turn: one conversation per image with its questions in a seeded random order (a question the
+    weights repeat opens a further record); its first turn tokenises exactly as the one-question record, and the
+    loss covers both answers."""
+    from vlora_hf.data.shapes import make_rows
+    from vlora_hf.training.train import group_turns, shapes_dataset
+
+    C, S, N, D = ("What color is the shape?", "What shape is this?", "How many shapes are there?",
+                  "Describe the image.")
+    rows = [(0, C, "red"), (0, S, "circle"), (1, N, "3"), (1, D, "3 blue squares"), (1, N, "3")]
+    records = group_turns(rows, seed=0)
+    assert sorted((i, sorted(turns)) for i, turns in records) == [
+        (0, [(C, "red"), (S, "circle")]), (1, [(D, "3 blue squares"), (N, "3")]), (1, [(N, "3")])]
+    many = [(i, q, a) for i in range(200) for q, a in ((C, "red"), (S, "circle"))]
+    firsts = sum(turns[0][0] == C for _, turns in group_turns(many, seed=0))
+    assert 70 <= firsts <= 130 and group_turns(many, seed=0) == group_turns(many, seed=0)
+
+    recipe = tiny_recipe(tmp_path, **{"data.multi_turn": True})  # the tokenizer gets a follow-up "USER: " token
+    images, rows = make_rows(4)
+    _, processor = build_model_and_processor(recipe, rows_for_tokenizer=rows)
+    single = shapes_dataset(images, rows, processor)
+    multi = shapes_dataset(images, rows, processor, multi_turn=True)
+    assert len(single) == 8 and len(multi) == 4
+    tok = processor.tokenizer
+    for k, (i, turns) in enumerate(group_turns(rows, seed=0)):
+        first = single[rows.index((i, *turns[0]))]
+        n = len(first["input_ids"])
+        assert torch.equal(multi[k]["input_ids"][:n], first["input_ids"])
+        assert torch.equal(multi[k]["labels"][:n], first["labels"])
+        answers = tok.decode(multi[k]["labels"][multi[k]["labels"] != -100])
+        assert answers == "".join(f" {a}</s>" for _, a in turns)
+        assert tok.convert_ids_to_tokens(int(multi[k]["input_ids"][n])) == "USER: "
 
 
 WARM_START_SCRIPT = """

@@ -82,16 +82,24 @@ def build_tokenizer(
     return fast
 
 
-def template_phrases(chat_template: str, image_token: str = "<image>") -> list[str]:
+def template_phrases(chat_template: str, image_token: str = "<image>", follow_up: bool = False,
+                     eos_token: str = "</s>") -> list[str]:
     """The fixed text a chat template puts around a one-image question: for vicuna_v1, the system sentence +
-    ``" USER: "`` and ``" ASSISTANT:"`` (what every prompt repeats; see ``build_tokenizer(added_phrases=)``)."""
+    ``" USER: "`` and ``" ASSISTANT:"`` (what every prompt repeats; see ``build_tokenizer(added_phrases=)``),
+    and, with ``follow_up`` (multi-turn training data), what opens a further question after an answer's
+    ``eos_token`` (vicuna_v1: ``"USER: "``)."""
     from jinja2 import Template
 
     marker = "\x00"
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": marker}]}]
-    rendered = Template(chat_template).render(messages=messages, add_generation_prompt=True)
-    pieces = [p for part in rendered.split(image_token) for p in part.split(marker)]
-    return [p for p in pieces if p.strip()]
+    first = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": marker}]}]
+    rendered = Template(chat_template).render(messages=first, add_generation_prompt=True)
+    pieces = [p for p in rendered.replace(image_token, marker).split(marker) if p.strip()]
+    if not follow_up:
+        return pieces
+    turns = first + [{"role": "assistant", "content": marker}, {"role": "user", "content": marker}]
+    parts = Template(chat_template).render(messages=turns).replace(image_token, marker).split(marker)
+    opener = parts[3].removeprefix(eos_token) if len(parts) > 3 else ""  # image, question, answer, *opener*
+    return pieces + [opener] if opener.strip() and opener not in pieces else pieces
 
 
 __all__ = ["build_tokenizer", "template_phrases", "SPECIAL_TOKENS"]

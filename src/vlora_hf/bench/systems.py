@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from vlora_hf.modeling.modeling_vlora import without_placeholders
+from vlora_hf.modeling.modeling_vlora import CACHE, without_placeholders
 
 from . import flops as F
 from .yopo import YopoLlava, YopoReductions
@@ -198,12 +198,12 @@ class TextOnly(_Sys):
     @torch.inference_mode()
     def prefill(self, inputs):
         out = self.model(input_ids=inputs["input_ids"], use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1], {"pkv": out.past_key_values}
+        return out.logits[:, -1], {"pkv": getattr(out, CACHE)}
 
     @torch.inference_mode()
     def decode(self, tok, state):
-        out = self.model(input_ids=tok[:, None], past_key_values=state["pkv"], use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1], {"pkv": out.past_key_values}
+        out = self.model(input_ids=tok[:, None], **{CACHE: state["pkv"]}, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1], {"pkv": getattr(out, CACHE)}
 
 
 def llava_ids(text_ids, n_vis=N_PATCH):
@@ -225,12 +225,12 @@ class Llava(_Sys):
     @torch.inference_mode()
     def prefill(self, inputs):
         out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1], {"pkv": out.past_key_values}
+        return out.logits[:, -1], {"pkv": getattr(out, CACHE)}
 
     @torch.inference_mode()
     def decode(self, tok, state):
-        out = self.model(input_ids=tok[:, None], past_key_values=state["pkv"], use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1], {"pkv": out.past_key_values}
+        out = self.model(input_ids=tok[:, None], **{CACHE: state["pkv"]}, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1], {"pkv": getattr(out, CACHE)}
 
 
 class Yopo(_Sys):
@@ -281,7 +281,7 @@ class VLoRA(_Sys):
         mask = None if bool(mask.all()) else mask
         out = self.model(input_ids=ids, row_perceptual_weights=rw, attention_mask=mask, position_ids=pos,
                          use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1], {"pkv": out.past_key_values, "rw": rw, "mask": mask, "pos": pos[:, -1:]}
+        return out.logits[:, -1], {"pkv": getattr(out, CACHE), "rw": rw, "mask": mask, "pos": pos[:, -1:]}
 
     def prefill(self, inputs):
         return self.prefill_with(inputs, self.weights(inputs["pixel_values"]))
@@ -292,6 +292,6 @@ class VLoRA(_Sys):
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(tok.shape[0], 1)], dim=1)
         pos = state["pos"] + 1
-        out = self.model(input_ids=tok[:, None], past_key_values=state["pkv"], row_perceptual_weights=state["rw"],
+        out = self.model(input_ids=tok[:, None], **{CACHE: state["pkv"]}, row_perceptual_weights=state["rw"],
                          attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1], {"pkv": out.past_key_values, "rw": state["rw"], "mask": mask, "pos": pos}
+        return out.logits[:, -1], {"pkv": getattr(out, CACHE), "rw": state["rw"], "mask": mask, "pos": pos}

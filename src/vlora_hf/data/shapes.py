@@ -210,8 +210,13 @@ def make_rows(n: int, seed: int = 0, split: str = "train", image_size: int | Non
     return images, rows
 
 
-def conversation(question: str, answer: str) -> list[dict]:
-    return [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]
+def conversation(question: str, answer: str, *more: tuple[str, str]) -> list[dict]:
+    """LLaVA turns for one image: the first question carries the `<image>` placeholder; `more` are further
+    (question, answer) turns about the same image."""
+    turns = [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]
+    for q, a in more:
+        turns += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    return turns
 
 
 def records_for(samples: list[ShapesSample], split: str = "train", image_dir: str = "images") -> list[dict]:

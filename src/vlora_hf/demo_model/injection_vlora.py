@@ -24,19 +24,21 @@ _ACTIVE_DELTAS: contextvars.ContextVar[LowRankDeltas | None] = contextvars.Conte
 class LowRankDeltas:
     """The factors of one forward call: A per row, B shared by all rows.
 
-    A[target]: [batch, num_slots, d_in, r] (zeros for rows without an image).
+    A[target][slot]: [batch, d_in, r] (zeros for rows without an image).
     Bt[target]: [num_slots, r, d_out], B already scaled by alpha / r and transposed, made once per call so the
     hooks (one per layer and target, run at every decode step) do nothing but the two matmuls.
     """
 
-    A: dict[str, torch.Tensor]
+    A: dict[str, tuple[torch.Tensor, ...]]
     Bt: dict[str, torch.Tensor]
 
     @classmethod
     def build(cls, A: dict[str, torch.Tensor], B: dict[str, torch.Tensor], dtype: torch.dtype) -> LowRankDeltas:
-        """A per row and scaled B [num_slots, d_out, r] per target, in the backbone's dtype."""
+        """A [batch, num_slots, d_in, r] per row and scaled B [num_slots, d_out, r] per target, in the backbone's
+        dtype. A is unbound into its slots once here: indexing a slot in every hook would make the backward pass
+        build a zero-filled gradient of the whole A per (layer, target)."""
         return cls(
-            A={t: a.to(dtype) for t, a in A.items()},
+            A={t: a.to(dtype).unbind(1) for t, a in A.items()},
             Bt={t: b.to(dtype).transpose(1, 2).contiguous() for t, b in B.items()},
         )
 
@@ -71,7 +73,7 @@ def _make_hook(target: str, slot: int):
         if deltas is None:
             return None
         x = args[0]
-        A = deltas.A[target][:, slot]
+        A = deltas.A[target][slot]
         if A.shape[0] != x.shape[0]:
             raise ValueError(f"perceptual weights cover {A.shape[0]} rows but the batch has {x.shape[0]}")
         return add_low_rank_delta(output, x, A, deltas.Bt[target][slot])

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_vlora import VLoRAConfig
 from .generator_vlora import PerceptualWeightsGenerator, WeightsDecoder
@@ -30,24 +30,23 @@ AUTO_MAP = {
 }
 
 
+# transformers 5.24 renamed the KV cache, as forward argument and output field, from `past_key_values` to
+# `cache`. The outputs below inherit the installed version's fields, and the cache passes through `forward`
+# under whichever name the caller (generate, a user) gave it.
+CACHE = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 @dataclass
-class VLoRAModelOutputWithPast(ModelOutput):
+class VLoRAModelOutputWithPast(BaseModelOutputWithPast):
     """Backbone outputs plus the perceptual weights used for this call (one row per image)."""
 
-    last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: object | None = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
     perceptual_weights: torch.FloatTensor | None = None
 
 
 @dataclass
-class VLoRACausalLMOutputWithPast(ModelOutput):
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: object | None = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
+class VLoRACausalLMOutputWithPast(CausalLMOutputWithPast):
+    """LM outputs plus the perceptual weights used for this call (one row per image)."""
+
     perceptual_weights: torch.FloatTensor | None = None
 
 
@@ -58,7 +57,7 @@ class VLoRAPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["WeightsDecoder", "CLIPEncoderLayer", "SiglipEncoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE]
     # Attention runs inside the unmodified backbone and tower; the deltas are plain matmuls beside it.
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -158,6 +157,8 @@ class VLoRAModel(VLoRAPreTrainedModel):
                 f"got {perceptual_weights.shape[0]} images but input_ids hold {int(has_image.sum())} <image> "
                 f"placeholders (id {self.config.image_token_id}); pass one image per placeholder, in row order"
             )
+        if bool(has_image.all()):  # every row has its image: nothing to scatter (the usual training batch)
+            return perceptual_weights
         rows = perceptual_weights.new_zeros(input_ids.shape[0], perceptual_weights.shape[1])
         rows[has_image] = perceptual_weights.to(rows.dtype)
         return rows
@@ -192,7 +193,6 @@ class VLoRAModel(VLoRAPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
         inputs_embeds: torch.FloatTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         image_features: torch.FloatTensor | None = None,
@@ -224,14 +224,13 @@ class VLoRAModel(VLoRAPreTrainedModel):
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 inputs_embeds=inputs_embeds,
                 use_cache=use_cache,
                 **kwargs,
             )
         return VLoRAModelOutputWithPast(
             last_hidden_state=out.last_hidden_state,
-            past_key_values=out.past_key_values,
+            **{CACHE: getattr(out, CACHE)},
             hidden_states=getattr(out, "hidden_states", None),
             attentions=getattr(out, "attentions", None),
             perceptual_weights=perceptual_weights,
@@ -282,7 +281,6 @@ class VLoRAForCausalLM(VLoRAPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
         inputs_embeds: torch.FloatTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         image_features: torch.FloatTensor | None = None,
@@ -297,7 +295,6 @@ class VLoRAForCausalLM(VLoRAPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             pixel_values=pixel_values,
             image_features=image_features,
@@ -316,7 +313,7 @@ class VLoRAForCausalLM(VLoRAPreTrainedModel, GenerationMixin):
         return VLoRACausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=out.past_key_values,
+            **{CACHE: getattr(out, CACHE)},
             hidden_states=out.hidden_states,
             attentions=out.attentions,
             perceptual_weights=out.perceptual_weights,

@@ -61,6 +61,7 @@ DEFAULTS: dict[str, Any] = {
         "seed": 0,
         "image_size": None,
         "question_weights": None,  # shapes: {question: weight} repeats (w > 1) or thins (w < 1) that question's rows
+        "multi_turn": False,  # shapes: one conversation per image holding all its questions (LLaVA-instruct style)
         "path": None,  # llava: the conversation json
         "image_folder": None,  # llava: image root
         "max_length": None,
@@ -186,6 +187,8 @@ def validate(recipe: dict) -> dict:
     if recipe["data"].get("precompute_image_features") and tower_trains:
         raise ValueError("data.precompute_image_features needs a frozen tower (stage pretrain or finetune, or "
                          "model.init_vision.warm_start.freeze_tower)")
+    if recipe["data"].get("multi_turn") and recipe["data"]["dataset"] != "shapes":
+        raise ValueError("data.multi_turn groups shapes-vqa questions per image; llava records carry their own turns")
     build = recipe["tokenizer"].get("build")
     if build and recipe["tokenizer"].get("path"):
         raise ValueError("tokenizer: give `path` or `build`, not both")

@@ -207,7 +207,8 @@ def build_model_and_processor(recipe: dict, rows_for_tokenizer=None):
 
         build = dict(t["build"])
         template = resolve_chat_template(t.get("chat_template")) or resolve_chat_template("vicuna_v1")
-        phrases = template_phrases(template) if build.get("template_tokens") else ()
+        follow_up = bool(recipe["data"].get("multi_turn"))
+        phrases = template_phrases(template, follow_up=follow_up) if build.get("template_tokens") else ()
         tokenizer = build_tokenizer(tokenizer_corpus(template, rows_for_tokenizer),
                                     vocab_size=int(build.get("vocab_size", 512)), chat_template=template,
                                     added_phrases=phrases)
@@ -411,17 +412,40 @@ def heldout_rows(recipe: dict):
                             image_size=recipe["data"].get("image_size"))
 
 
-def shapes_dataset(images, rows, processor, **kwargs):
-    """shapes-vqa drawn in memory -> a `LLaVADataset` (one record per row; each image preprocessed once).
+def group_turns(rows, seed: int = 0) -> list[tuple[int, list[tuple[str, str]]]]:
+    """rows -> multi-turn records (image index, [(question, answer), ...]): each image's questions in one record,
+    in a seeded random order (so every question is also asked first, as at inference); a question that
+    `weight_rows` repeated goes to a further record of the same image."""
+    rng = random.Random(f"multi_turn/{seed}")
+    by_image: dict[int, list[list[tuple[str, str]]]] = {}
+    for i, q, a in rows:
+        rounds = by_image.setdefault(i, [])
+        k = next((k for k, turns in enumerate(rounds) if all(q != t[0] for t in turns)), len(rounds))
+        if k == len(rounds):
+            rounds.append([])
+        rounds[k].append((q, a))
+    records = []
+    for i, rounds in by_image.items():
+        for turns in rounds:
+            rng.shuffle(turns)
+            records.append((i, turns))
+    return records
 
-    rows: (image index, question, answer); kwargs go to `LLaVADataset` (the chat template defaults to the
+
+def shapes_dataset(images, rows, processor, multi_turn: bool = False, seed: int = 0, **kwargs):
+    """shapes-vqa drawn in memory -> a `LLaVADataset` (each image preprocessed once).
+
+    rows: (image index, question, answer), one record each, or with `multi_turn` one conversation per image
+    (`group_turns`): the tower and the generator then run once for all of an image's questions, as with
+    LLaVA's multi-turn instruction data. kwargs go to `LLaVADataset` (the chat template defaults to the
     processor's)."""
     from ..data.llava import LLaVADataset
     from ..data.shapes import conversation
     from .data import preprocess_bank
 
-    records = [{"id": f"shapes-{k}", "image": str(i), "conversations": conversation(q, a)}
-               for k, (i, q, a) in enumerate(rows)]
+    grouped = group_turns(rows, seed) if multi_turn else [(i, [(q, a)]) for i, q, a in rows]
+    records = [{"id": f"shapes-{k}", "image": str(i), "conversations": conversation(*turns[0], *turns[1:])}
+               for k, (i, turns) in enumerate(grouped)]
     bank = preprocess_bank(images, processor.image_processor)
     kwargs.setdefault("chat_template", processor_template(processor))
     kwargs.setdefault("image_token_id", processor.image_token_id)
@@ -457,7 +481,8 @@ def build_training_data(recipe: dict, model, processor, shapes_data=None):
                   chat_template=processor_template(processor) if mode == "vicuna_v1" else None)
     if d["dataset"] == "shapes":
         images, rows, _ = shapes_data or load_rows(recipe)
-        dataset = shapes_dataset(images, rows, processor, **common)
+        dataset = shapes_dataset(images, rows, processor, multi_turn=bool(d.get("multi_turn")),
+                                 seed=int(d["seed"]), **common)
     elif d["dataset"] == "llava":
         if not d.get("path"):
             raise ValueError("data.dataset llava needs data.path (the conversations json)")
