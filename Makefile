@@ -17,11 +17,18 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 setup: $(VENV)/.installed
 
+# DeepSpeed, for the ZeRO-2 config's test only: built against the torch installed above (pip's isolated build
+# would fetch a CUDA torch to build it).
+$(VENV)/.deepspeed: $(VENV)/.installed
+	$(PY) -m pip install setuptools wheel
+	$(PY) -m pip install --no-build-isolation "deepspeed>=0.16"
+	touch $@
+
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/vlora-hf generate --image src/vlora_hf/examples/shapes_0.png --prompt "Describe the image."
 	HF_HUB_OFFLINE=1 $(VENV)/bin/vlora-hf generate --image src/vlora_hf/examples/shapes_1.png --prompt "What color is the shape?"
 
-test: setup
+test: setup $(VENV)/.deepspeed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 # Two training processes (DDP over gloo), one per core; the main one evaluates and writes the model.

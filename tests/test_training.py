@@ -272,6 +272,47 @@ def test_two_process_cpu_accelerate_run(tmp_path):
     assert torch.isfinite(model(**batch).loss)
 
 
+@pytest.mark.parametrize("mode", ["fsdp", "deepspeed"])
+def test_sharded_configs_train_a_vlora_model(tmp_path, mode):
+    """recipes/accelerate/fsdp.yaml and deepspeed_zero2.yaml, read the way accelerate and transformers.Trainer read
+    them (tests/sharded_worker.py, 2 CPU processes, gloo): one finetune step on two half-batches gives the loss
+    and, gathered from the processes, the updated weights of the same step taken in one process; FSDP makes
+    every unsplittable class of the model a unit."""
+    from tiny import tiny_model
+
+    if mode == "deepspeed":
+        pytest.importorskip("deepspeed")
+    model = tiny_model(seed=0).train()
+    apply_stage(model, "finetune")
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 90, (4, 10), generator=gen)
+    ids[:, 1] = model.config.image_token_id
+    batch = {"input_ids": ids, "pixel_values": torch.randn(4, 3, 28, 28, generator=gen), "labels": ids.clone()}
+    torch.save(batch, tmp_path / "batch.pt")
+    config = {"fsdp": "fsdp.yaml", "deepspeed": "deepspeed_zero2.yaml"}[mode]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "sharded_worker.py"), mode, str(REPO / "recipes" / "accelerate" / config),
+           str(tmp_path / "batch.pt"), str(tmp_path / "out.pt")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    if mode == "fsdp":  # Embedding + Linear: the tied embedding and head, one unit
+        assert got["units"] == ["CLIPEncoderLayer", "CLIPVisionEmbeddings", "Embedding", "Linear",
+                                "LlamaDecoderLayer", "VLoRAForCausalLM", "WeightsDecoder"]
+
+    first = model(**{k: v[:2] for k, v in batch.items()}).loss
+    (first / 2 + model(**{k: v[2:] for k, v in batch.items()}).loss / 2).backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    assert torch.allclose(got["loss"], first.detach(), rtol=1e-6, atol=0)
+    expected = model.state_dict()
+    assert sorted(got["state"]) == sorted(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(got["state"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    initial = tiny_model(seed=0).state_dict()
+    assert not torch.equal(expected["model.generator.lora_B.q"], initial["model.generator.lora_B.q"])
+
+
 def test_finetune_on_llava_json_trains_llm_keeps_tower(tmp_path, tiny_checkpoint):
     """dataset llava (the data module's LLaVADataset/collator), stage finetune, precomputed tower features."""
     from vlora_hf.data import shapes

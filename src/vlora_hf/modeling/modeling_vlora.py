@@ -56,7 +56,7 @@ class VLoRAPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["WeightsDecoder", "CLIPEncoderLayer", "SiglipEncoderLayer"]
+    _no_split_modules = ["WeightsDecoder"]  # post_init adds the tower's and the backbone's own
     _skip_keys_device_placement = [CACHE]
     # Attention runs inside the unmodified backbone and tower; the deltas are plain matmuls beside it.
     _supports_sdpa = True
@@ -74,6 +74,14 @@ class VLoRAPreTrainedModel(PreTrainedModel):
             init.normal_(module.pos_embed, mean=0.0, std=std)
             for b in module.lora_B.values():
                 init.zeros_(b)
+
+    def post_init(self):
+        """transformers' post_init, then `_no_split_modules` cut to the classes this model holds: the tower's
+        list names classes of its whole family (CLIP's names the text embeddings), and FSDP's transformer-based
+        wrap (accelerate), which falls back to this list, rejects a class name it cannot find."""
+        super().post_init()
+        present = {type(m).__name__ for m in self.modules()}
+        self._no_split_modules = {name for name in self._no_split_modules if name in present}
 
     def _activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, *args, **kwargs):
         """Checkpoint non-reentrantly, with a context that restores this call's deltas on recompute.
