@@ -28,7 +28,10 @@ LR = 0.1
 
 
 def fsdp_prepare(model, config_file: str, rank: int):
-    """-> (the model sharded as `accelerate launch --config_file config_file` would shard it, unit classes)."""
+    """The model sharded as `accelerate launch --config_file config_file` would shard it.
+
+    Returns (model, backward(loss), optimizer step, full state dict getter, sharded unit classes), as
+    `deepspeed_prepare` does."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
@@ -56,7 +59,8 @@ def fsdp_prepare(model, config_file: str, rank: int):
 
 
 def deepspeed_prepare(model, config_file: str, rows: int):
-    """-> the model in a DeepSpeed engine configured as transformers.Trainer configures it."""
+    """The model in a DeepSpeed engine configured as transformers.Trainer configures it; returns what
+    `fsdp_prepare` returns (no unit classes)."""
     import deepspeed
     import yaml
     from transformers import TrainingArguments

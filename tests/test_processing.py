@@ -74,8 +74,8 @@ def test_build_tokenizer_specials_and_round_trip(tokenizer):
 
 def test_template_phrases_become_single_tokens(tmp_path):
     """template_tokens: the vicuna_v1 system sentence + "USER: ", " ASSISTANT:" (and with follow_up a further
-    turn's "USER: ") are one token each, the prompt's tokens are a prefix of the trained conversation's, and the text round-trips
-    through a reload."""
+    turn's "USER: ") are one token each, the prompt's tokens are a prefix of the trained conversation's, and the
+    text round-trips through a reload."""
     from transformers import AutoTokenizer
 
     from vlora_hf.tokenization import template_phrases

@@ -402,7 +402,6 @@ def test_answer_word_targets_and_question_weights():
         weight_rows(rows, {"Describe the image.": -1})
 
 
-
 def test_multi_turn_records(tmp_path):
     """data.multi_turn: one conversation per image with its questions in a seeded random order (a question the
     weights repeat opens a further record); its first turn tokenises exactly as the one-question record, and the
