@@ -151,7 +151,7 @@ def build_processor(tokenizer, image_processor, chat_template=None):
 def build_model_and_processor(recipe: dict, rows_for_tokenizer=None):
     """-> (model, processor) following recipe["model"] and recipe["tokenizer"]."""
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from .. import VLoRAConfig, VLoRAForCausalLM
     from .data import resolve_chat_template
@@ -174,7 +174,6 @@ def build_model_and_processor(recipe: dict, rows_for_tokenizer=None):
 
     vlora = dict(m.get("vlora") or {})
     if m.get("text_model"):
-        text = AutoModelForCausalLM.from_pretrained(m["text_model"], dtype=dtype)
         tower_config = AutoConfig.from_pretrained(m["vision_tower"])
         if getattr(tower_config, "vision_config", None) is not None:  # a full CLIP/SigLIP model folder
             tower_config = tower_config.vision_config
@@ -182,21 +181,8 @@ def build_model_and_processor(recipe: dict, rows_for_tokenizer=None):
         image_processor = build_image_processor(recipe, tower_config, m["vision_tower"])
         processor = build_processor(tokenizer, image_processor, t.get("chat_template"))
         vlora.setdefault("image_token_id", processor.image_token_id)
-        if tower_config.model_type != "clip_vision_model":
-            vlora.setdefault("vision_feature_select_strategy", "full")
-        config = VLoRAConfig(text_config=text.config, vision_config=tower_config, **vlora)
-        model = VLoRAForCausalLM(config)
-        base = getattr(text, text.base_model_prefix)
-        model.model.language_model.load_state_dict(base.state_dict(), strict=True)
-        with torch.no_grad():
-            model.lm_head.weight.copy_(text.get_output_embeddings().weight)
-        tower = AutoModel.from_pretrained(m["vision_tower"], dtype=dtype)
-        if hasattr(tower, "vision_model") and hasattr(tower, "text_model"):  # a full CLIP / SigLIP model
-            tower = tower.vision_model
-        load_tower_state(model.model.vision_tower, tower.state_dict())
-        if dtype is not None:
-            model.to(dtype)
-        del text, tower
+        model = VLoRAForCausalLM.from_text_and_vision_pretrained(m["text_model"], m["vision_tower"], dtype=dtype,
+                                                                 **vlora)
         return model, processor
 
     # Random initialisation from configs (stage scratch).
@@ -281,18 +267,6 @@ def init_vision_tower(model, spec) -> None:
             table.copy_(sincos_2d(grid, table.shape[1], with_cls=table.shape[0] == grid * grid + 1))
         elif spec.get("position_embedding") is not None:
             raise ValueError(f"model.init_vision.position_embedding must be 'sincos', got {spec['position_embedding']!r}")
-
-
-def load_tower_state(target, state: dict) -> None:
-    """Load a vision tower's weights, with or without the `vision_model.` key prefix."""
-    expected = set(target.state_dict())
-    for candidate in (state, {k.removeprefix("vision_model."): v for k, v in state.items()},
-                      {f"vision_model.{k}": v for k, v in state.items()}):
-        if expected <= set(candidate):
-            target.load_state_dict({k: candidate[k] for k in expected}, strict=True)
-            return
-    missing = sorted(expected - set(state))[:5]
-    raise ValueError(f"the vision tower folder does not match the tower config: missing weights such as {missing}")
 
 
 def _as_config(d: dict, default_type: str = "clip_vision_model"):
