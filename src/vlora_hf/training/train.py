@@ -144,7 +144,7 @@ def build_processor(tokenizer, image_processor, chat_template=None):
 
     from .data import resolve_chat_template
 
-    template = resolve_chat_template(chat_template)
+    template = chat_template if chat_template == "backbone" else resolve_chat_template(chat_template)
     return VLoRAProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
 
 
