@@ -89,6 +89,7 @@ DEFAULTS: dict[str, Any] = {
         "bf16": "auto",  # auto: on where the accelerator supports it (never on CPU)
         "dataloader_num_workers": 0,
         "torch_threads": None,  # torch.set_num_threads for CPU runs
+        "llm_lora": None,  # {r, alpha, target_modules, dropout}: LoRA on the language model instead of full finetune
         "disable_tqdm": True,
     },
     "eval": {
@@ -189,6 +190,10 @@ def validate(recipe: dict) -> dict:
                          "model.init_vision.warm_start.freeze_tower)")
     if recipe["data"].get("multi_turn") and recipe["data"]["dataset"] != "shapes":
         raise ValueError("data.multi_turn groups shapes-vqa questions per image; llava records carry their own turns")
+    if recipe["training"].get("llm_lora"):
+        from .llm_lora import check_llm_lora
+
+        check_llm_lora(recipe["training"]["llm_lora"], recipe["stage"])
     build = recipe["tokenizer"].get("build")
     if build and recipe["tokenizer"].get("path"):
         raise ValueError("tokenizer: give `path` or `build`, not both")

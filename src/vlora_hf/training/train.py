@@ -494,7 +494,7 @@ def training_arguments(recipe: dict, run_dir: str):
     from transformers import TrainingArguments
 
     tr = dict(recipe["training"])
-    for key in ("run_dir", "resume", "torch_threads"):
+    for key in ("run_dir", "resume", "torch_threads", "llm_lora"):
         tr.pop(key, None)
     tr["bf16"] = resolve_bf16(tr.get("bf16", "auto"))
     if tr.get("max_steps") is None:
@@ -586,6 +586,11 @@ def run(recipe: dict) -> dict:
         args = {k: WARM_START_ARGS[k](v) for k, v in warm.items() if k in WARM_START_ARGS}
         warm_start_tower(model, dataset.images, shapes_data[1], seed=seed, log=log, **args)
     counts = apply_stage(model, recipe["stage"], freeze_tower=bool(warm and warm.get("freeze_tower")))
+    llm_lora = recipe["training"].get("llm_lora")
+    if llm_lora:
+        from .llm_lora import apply_llm_lora
+
+        counts["language_model"] = apply_llm_lora(model, **llm_lora)
     log(f"stage {recipe['stage']}: trainable parameters {counts} of {sum(p.numel() for p in model.parameters()):,}")
     precompute_features(recipe, model, dataset)
     eval_data = shapes_data[2] if shapes_data else heldout_rows(recipe)
@@ -630,6 +635,10 @@ def run(recipe: dict) -> dict:
                 log(line)
             summary["eval"] = {k: results[k] for k in ("per_question", "counts", "overall")}
         summary["total_seconds"] = time.time() - start
+        if llm_lora:
+            from .llm_lora import merge_llm_lora
+
+            merge_llm_lora(model)  # the export is a plain VLoRA checkpoint
         save_final(model, processor, recipe, summary)
         log(f"saved to {output_dir} (total {summary['total_seconds']:.0f} s)")
         min_acc = (recipe["eval"] or {}).get("min_accuracy")
