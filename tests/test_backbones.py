@@ -52,11 +52,19 @@ QUESTION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "te
 
 
 def backbone_tokenizer(name: str, texts):
-    """A byte-level BPE tokenizer with the backbone's special tokens, eos and chat template (built offline)."""
+    """A byte-level BPE tokenizer with the backbone's special tokens, eos and chat template (built offline).
+
+    Like the real ones, Llama-3's adds its bos itself and its template writes it too."""
+    from tokenizers import processors
+
     template, specials, eos, _, bos, pad = FORMATS[name]
     tok = build_tokenizer(texts, vocab_size=320, add_bos=False, chat_template=template)
     tok.add_special_tokens({"additional_special_tokens": specials}, replace_extra_special_tokens=False)
     tok.eos_token, tok.pad_token, tok.bos_token = eos, pad, bos
+    if bos:
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.convert_tokens_to_ids(bos))])
+        assert tok("a")["input_ids"][0] == tok.bos_token_id
     return tok
 
 
@@ -85,7 +93,13 @@ def test_processor_offers_the_backbones_own_template_with_the_image_placeholder(
     )
     ids = llama(images=torch.zeros(3, 28, 28), text=llama.apply_chat_template(QUESTION))["input_ids"][0]
     assert ids.count(llama.image_token_id) == 1 and ids[0] == llama.tokenizer.convert_tokens_to_ids("<|begin_of_text|>")
-    assert ids.count(ids[0]) == 1  # the template's bos only
+    assert ids.count(ids[0]) == 1  # the template's bos only, as in training:
+    from vlora_hf.data.llava import encode_messages
+
+    train_ids, _, _ = encode_messages(llama.tokenizer, [{"role": "user", "content": "<image>\nWhat shape is this?"},
+                                                        {"role": "assistant", "content": "A circle."}],
+                                      chat_template=llama.chat_template["default"])
+    assert train_ids[:len(ids)] == ids and train_ids.count(ids[0]) == 1
     with pytest.raises(ValueError, match="own chat template"):
         tok = build_tokenizer(["a"])
         tok.chat_template = None

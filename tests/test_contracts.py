@@ -143,6 +143,10 @@ def test_edited_inputs_embeds_change_the_answer(model):
     ref = greedy(model, ids, mask, px)
     got = greedy(model, ids, mask, px, inputs_embeds=emb)
     assert (got.logits[0] - ref.logits[0]).abs().max() > 1e-3
+    uncached = greedy(model, ids, mask, px, inputs_embeds=emb, use_cache=False)
+    assert uncached.sequences.tolist() == got.sequences.tolist()
+    for a, b in zip(got.logits, uncached.logits):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
 
 
 def test_inputs_embeds_without_input_ids_cannot_place_images(model):

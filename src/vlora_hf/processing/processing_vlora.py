@@ -229,6 +229,9 @@ class VLoRAProcessor(ProcessorMixin):
         texts = self._normalize_text(text)
         ordered_images = self._match_images(texts, images)
 
+        bos = getattr(self.tokenizer, "bos_token", None)
+        if bos and all(t.startswith(bos) for t in texts):  # the chat template wrote it (Llama-3): not twice
+            text_kwargs.setdefault("add_special_tokens", False)
         text_kwargs.setdefault("padding", True if len(texts) > 1 else False)
         text_kwargs.setdefault("padding_side", self.padding_side)
         encoding = self.tokenizer(texts, **text_kwargs)
