@@ -252,7 +252,8 @@ def _array_to_pil(array: np.ndarray, channels_first_hint: bool, array_range=None
             chw = first_ok
         if not (first_ok or last_ok):
             raise ImageInputError(
-                f"Cannot interpret an image array of shape {tuple(arr.shape)}: expected HW, HWC or CHW with 1-4 channels."
+                f"Cannot interpret an image array of shape {tuple(arr.shape)}: expected HW, HWC or CHW with 1-4 "
+                "channels."
             )
         if chw:
             arr = np.moveaxis(arr, 0, -1)
