@@ -20,7 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .configuration_vlora import VLoRAConfig
 from .generator_vlora import PerceptualWeightsGenerator, WeightsDecoder
 from .injection_vlora import LowRankDeltas, attach_delta_hooks, checkpoint_context, deltas_applied
-from .validation_vlora import (check_checkpoint_keys, check_generate_inputs, check_image_count, check_pixel_values,
+from .validation_vlora import (check_checkpoint_keys, check_generate_inputs, check_images, check_pixel_values,
                                check_text_inputs)
 
 AUTO_MAP = {
@@ -193,7 +193,7 @@ class VLoRAModel(VLoRAPreTrainedModel):
         if given and row_perceptual_weights is None:
             if input_ids is None:
                 raise ValueError("images need input_ids holding their <image> placeholders")
-            check_image_count(input_ids, self.config.image_token_id, given[0])
+            check_images(self.config, input_ids, given[0], pixel_values)
             if perceptual_weights is None:
                 perceptual_weights = self.get_image_features(pixel_values=pixel_values, image_features=image_features)
             row_perceptual_weights = self.row_weights(input_ids, perceptual_weights)

@@ -39,15 +39,17 @@ def check_pixel_values(pixel_values, vision_config) -> None:
         raise ValueError("pixel_values holds NaN or infinite values")
 
 
-def check_image_count(input_ids, image_token_id: int, images) -> None:
-    """One image per placeholder, checked before the tower runs."""
-    if input_ids is None or images is None:
+def check_images(config, input_ids, images, pixel_values=None) -> None:
+    """Pixel values well-formed (when given) and one image per placeholder, checked before the tower runs."""
+    if pixel_values is not None:
+        check_pixel_values(pixel_values, config.vision_config)
+    if input_ids is None:
         return
-    placeholders = int((input_ids == image_token_id).sum())
+    placeholders = int((input_ids == config.image_token_id).sum())
     if images.shape[0] != placeholders:
         raise ValueError(
             f"got {images.shape[0]} images but input_ids hold {placeholders} <image> placeholders (id "
-            f"{image_token_id}); pass one image per placeholder, in row order"
+            f"{config.image_token_id}); pass one image per placeholder, in row order"
         )
 
 
