@@ -138,6 +138,9 @@ def test_page_shows_the_processors_error_then_answers_again(served, browser, tmp
     _upload(browser, EXAMPLES / "shapes_1.png")
     _wait(browser, lambda: _answer(browser) == "" and min(_plot_size(browser)) > 0, "the good upload")
     _ask(browser, question, second[0])
+    alone = _plot_size(browser)
+    browser.find_element(By.CSS_SELECTOR, "#upload2 input[type=file]").send_keys(str(EXAMPLES / "shapes_3.png"))
+    _wait(browser, lambda: _plot_size(browser)[0] > alone[0], "the plot to draw the second image beside the first")
 
     third = generate_answers(session.model, session.processor, [Image.open(EXAMPLES / "shapes_2.png")], question)
     assert third != second

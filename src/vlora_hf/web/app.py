@@ -14,6 +14,7 @@ import gradio as gr
 from .session import Answer, DemoSession, ImageWeights
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SESSIONS = 64
 MAX_UPLOAD = "50mb"  # the processor's decompression-bomb guard covers small files that decode to huge images
 # System fonts only: the default theme would make every visitor's browser fetch fonts from Google.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
@@ -38,44 +39,39 @@ def _chat(turns: list[tuple[str, str]]) -> list[dict]:
 
 def build_app(session: DemoSession) -> gr.Blocks:
     examples = sorted(EXAMPLES.glob("shapes_*.png"))
-    gr.set_static_paths([EXAMPLES])
 
-    def choose(path, name, second):
+    def choose(path, second):
         """-> current image, preview, answer, turns, chat, timings, plot (an error clears the current image)."""
         try:
-            current = session.image_weights(path, name)
+            current = session.image_weights(path)
         except ValueError as err:
             return None, None, f"Error: {err}", [], [], "", None
-        plot = session.delta_plot([current] + ([second] if second else []))
+        plot = session.delta_plot([image for image in (current, second) if image is not None])
         return current, current.image, "", [], [], _image_timing(current), plot
 
-    def upload(path, second):
-        if path is None:
-            return (gr.skip(),) * 7
-        return choose(path, Path(path).name, second)
-
     def pick_example(second, evt: gr.SelectData):
-        return choose(examples[evt.index], examples[evt.index].name, second)
+        return choose(examples[evt.index], second)
 
     def compare(path, current):
         """-> second image, plot, answer (an error there leaves the first image's plot alone)."""
-        if path is None:
-            return None, session.delta_plot([current]) if current else None, gr.skip()
-        try:
-            second = session.image_weights(path)
-        except ValueError as err:
-            return None, session.delta_plot([current]) if current else None, f"Error: {err}"
-        return second, session.delta_plot([current, second] if current else [second]), gr.skip()
+        second, error = None, gr.skip()
+        if path is not None:  # None: the second image was cleared
+            try:
+                second = session.image_weights(path)
+            except ValueError as err:
+                error = f"Error: {err}"
+        shown = [image for image in (current, second) if image is not None]
+        return second, session.delta_plot(shown) if shown else None, error
 
     def ask(current, turns, question, chat_mode, max_new_tokens, do_sample, temperature):
         """-> answer, turns, chat, timings."""
         if current is None:
-            return "Error: upload an image or click an example first.", turns, _chat(turns), gr.skip()
+            return "Error: upload an image or click an example first.", gr.skip(), gr.skip(), gr.skip()
         earlier = turns if chat_mode else []  # the last turn is kept anyway: chat mode may start from it
         try:
             answer = session.answer(current, question, earlier, max_new_tokens, do_sample, temperature)
         except ValueError as err:
-            return f"Error: {err}", turns, _chat(turns), gr.skip()
+            return f"Error: {err}", gr.skip(), gr.skip(), gr.skip()
         turns = [*earlier, (question.strip(), answer.text)]
         return answer.text, turns, _chat(turns), _answer_timing(current, answer)
 
@@ -108,7 +104,7 @@ def build_app(session: DemoSession) -> gr.Blocks:
             compare_file = gr.File(label="Second image to compare (optional)", elem_id="upload2", scale=1)
 
         chosen = [current, preview, answer, turns, chat, timings, plot]
-        image_file.upload(upload, [image_file, second], chosen)
+        image_file.upload(choose, [image_file, second], chosen)
         gallery.select(pick_example, [second], chosen)
         compare_file.upload(compare, [compare_file, current], [second, plot, answer])
         compare_file.clear(compare, [compare_file, current], [second, plot, answer])
@@ -121,6 +117,9 @@ def build_app(session: DemoSession) -> gr.Blocks:
 
 
 def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, **kwargs):
-    """Serve on host:port; never a public share link, no server-side rendering, no MCP endpoint."""
+    """Serve on host:port; never a public share link, no server-side rendering, no MCP endpoint.
+
+    Each visitor's session holds its images' weights (tens of MB each for a 7B model): the least recently used
+    sessions beyond SESSIONS are dropped."""
     return app.launch(server_name=host, server_port=port, share=False, ssr_mode=False, mcp_server=False,
-                      max_file_size=MAX_UPLOAD, allowed_paths=[str(EXAMPLES)], theme=THEME, **kwargs)
+                      max_file_size=MAX_UPLOAD, state_session_capacity=SESSIONS, theme=THEME, **kwargs)
