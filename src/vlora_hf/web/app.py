@@ -82,7 +82,7 @@ def build_app(session: DemoSession) -> gr.Blocks:
             with gr.Column():
                 image_file = gr.File(label="Upload an image", elem_id="upload")
                 gallery = gr.Gallery([str(p) for p in examples], label="… or click an example", columns=4,
-                                     height=175, allow_preview=False, elem_id="examples")
+                                     height=200, allow_preview=False, elem_id="examples")
                 preview = gr.Image(label="Image", type="pil", format="png", interactive=False, height=160,
                                    elem_id="preview")
             with gr.Column():
