@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from ..processing import REMOTE_IMAGES_ENV
+
+    os.environ[REMOTE_IMAGES_ENV] = "0"  # uploads are local files; no code path of the page may fetch a URL
     try:
         from .app import build_app, launch
     except ImportError as err:

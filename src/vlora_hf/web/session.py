@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..processing.image_processing_vlora import open_image_file
+from ..processing.image_processing_vlora import load_image, open_image_file
 from ..visualize import delta_norms, plot_delta_norms
 
 
@@ -67,9 +67,11 @@ class DemoSession:
         return cls(*load(model_id or str(demo_model_path()), *_device_and_dtype(device, dtype)))
 
     def image_weights(self, path, name: str | None = None) -> ImageWeights:
-        """Decode an image file and compute its perceptual weights (the only time the tower and generator run)."""
+        """Decode an image file and compute its perceptual weights (the only time the tower and generator run).
+
+        Errors name the file as the visitor called it; `load_image` turns it upright as the processor would."""
         name = name or Path(path).name
-        image = open_image_file(path, what=name)
+        image = load_image(open_image_file(path, what=name))
         pixel_values = self.processor.image_processor([image], return_tensors="pt")["pixel_values"]
         start = time.perf_counter()
         with torch.inference_mode():
