@@ -22,6 +22,8 @@ from transformers.utils.generic import can_return_tuple
 from .configuration_vlora import TOWERS_WITH_CLS, VLoRAConfig
 from .generator_vlora import PerceptualWeightsGenerator, WeightsDecoder
 from .injection_vlora import LowRankDeltas, attach_delta_hooks, checkpoint_context, deltas_applied
+from .validation_vlora import (check_checkpoint_keys, check_generate_inputs, check_images, check_pixel_values,
+                               check_text_inputs)
 
 AUTO_MAP = {
     "AutoConfig": "configuration_vlora.VLoRAConfig",
@@ -107,6 +109,15 @@ class VLoRAPreTrainedModel(PreTrainedModel):
         ckpt_kwargs = {**(activation_checkpointing_kwargs or {}), "use_reentrant": False, "context_fn": checkpoint_context}
         super()._activation_checkpointing_enable(ckpt_kwargs, *args, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
+        """transformers' `from_pretrained`, refusing tensor parallelism and weights whose generator tensors do not
+        match the config."""
+        refuse_tensor_parallel(kwargs)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        check_checkpoint_keys(info["missing_keys"], info["unexpected_keys"])
+        return (model, info) if output_loading_info else model
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save, listing every Auto class in `auto_map` and copying the remote-code files flat."""
         self.config.auto_map = dict(AUTO_MAP)
@@ -153,6 +164,7 @@ class VLoRAModel(VLoRAPreTrainedModel):
     # ----- image side ------------------------------------------------------------------------------------
     def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [n, 3, H, W] -> the tower's selected features [n, P, Dv]."""
+        check_pixel_values(pixel_values, self.config.vision_config)
         tower_dtype = next(self.vision_tower.parameters()).dtype
         out = self.vision_tower(pixel_values.to(tower_dtype), output_hidden_states=True)
         features = out.hidden_states[self.config.vision_feature_layer]
@@ -210,6 +222,8 @@ class VLoRAModel(VLoRAPreTrainedModel):
                     "images need input_ids holding their <image> placeholders; with inputs_embeds, pass input_ids "
                     "beside them (as for LLaVA) to say which rows hold an image and where"
                 )
+            check_images(self.config, input_ids, given[0] if image_outputs is None else image_outputs.pooler_output,
+                         pixel_values)
             if perceptual_weights is not None:
                 image_outputs = BaseModelOutputWithPooling(pooler_output=perceptual_weights)
             elif image_outputs is None:
@@ -247,11 +261,9 @@ class VLoRAModel(VLoRAPreTrainedModel):
         when the placeholder is no longer part of `input_ids`. With `inputs_embeds`, `input_ids` may come beside
         them (same shape) to locate the placeholders; the embeddings are used, the placeholder's is never read.
         """
-        if inputs_embeds is not None and input_ids is not None and inputs_embeds.shape[:2] != input_ids.shape:
-            raise ValueError(
-                f"inputs_embeds {tuple(inputs_embeds.shape[:2])} and input_ids {tuple(input_ids.shape)} given together "
-                "must cover the same [batch, sequence] (input_ids only locate the <image> placeholders)"
-            )
+        check_ids_beside_embeds(input_ids, inputs_embeds)
+        vocab_size = self.get_input_embeddings().num_embeddings
+        check_text_inputs(input_ids, attention_mask, self.config.image_token_id, vocab_size)
         row_perceptual_weights, image_outputs = self.resolve_images(
             input_ids, pixel_values, image_features, perceptual_weights, row_perceptual_weights, mm_encoder_outputs
         )
@@ -283,6 +295,15 @@ class VLoRAModel(VLoRAPreTrainedModel):
             hidden_states=getattr(out, "hidden_states", None),
             attentions=getattr(out, "attentions", None),
             image_outputs=image_outputs,
+        )
+
+
+def check_ids_beside_embeds(input_ids, inputs_embeds) -> None:
+    """`input_ids` given beside `inputs_embeds` locate the placeholders, so they must cover the same tokens."""
+    if inputs_embeds is not None and input_ids is not None and inputs_embeds.shape[:2] != input_ids.shape:
+        raise ValueError(
+            f"inputs_embeds {tuple(inputs_embeds.shape[:2])} and input_ids {tuple(input_ids.shape)} given together "
+            "must cover the same [batch, sequence] (input_ids only locate the <image> placeholders)"
         )
 
 
@@ -325,12 +346,6 @@ class VLoRAForCausalLM(VLoRAPreTrainedModel, GenerationMixin):
     def get_image_features(self, pixel_values=None, image_features=None, return_dict: bool = False, **kwargs):
         return self.model.get_image_features(pixel_values=pixel_values, image_features=image_features,
                                              return_dict=return_dict)
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, refusing tensor parallelism with one clear message."""
-        refuse_tensor_parallel(kwargs)
-        return super().from_pretrained(*args, **kwargs)
 
     @classmethod
     def from_text_and_vision_pretrained(cls, text_model, vision_tower, dtype=None, **vlora_kwargs):
@@ -433,6 +448,8 @@ class VLoRAForCausalLM(VLoRAPreTrainedModel, GenerationMixin):
         (`scores`, `logits`, `attentions`, `hidden_states`) see the text only: in a row with an image, the prompt
         they cover is one column shorter than the prompt part of `sequences`.
         """
+        check_generate_inputs(self, input_ids, attention_mask, kwargs)
+        check_ids_beside_embeds(input_ids, inputs_embeds)
         kwargs["row_perceptual_weights"], _ = self.model.resolve_images(
             input_ids, pixel_values, image_features, perceptual_weights, kwargs.get("row_perceptual_weights"),
             kwargs.pop("mm_encoder_outputs", None),
@@ -440,11 +457,6 @@ class VLoRAForCausalLM(VLoRAPreTrainedModel, GenerationMixin):
         if input_ids is None or not (input_ids == self.config.image_token_id).any():
             return super().generate(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                     **kwargs)
-        if inputs_embeds is not None and inputs_embeds.shape[:2] != input_ids.shape:
-            raise ValueError(
-                f"inputs_embeds {tuple(inputs_embeds.shape[:2])} and input_ids {tuple(input_ids.shape)} given together "
-                "must cover the same [batch, sequence] (input_ids only locate the <image> placeholders)"
-            )
 
         text = without_placeholders(input_ids, attention_mask, self.config.image_token_id,
                                     self.generation_config.pad_token_id or 0, inputs_embeds=inputs_embeds)

@@ -682,8 +682,8 @@ def save_final(model, processor, recipe: dict, summary: dict) -> None:
     out = Path(recipe["output_dir"])
     model.config.use_cache = True  # the Trainer sets it to args.use_cache (False); generation wants the cache
     export_folder(model, processor, out, force=True, model_id=card.get("model_id"), tags=card.get("tags"),
-                  source=card.get("source"), notes=card_notes(recipe, summary))
-    (out / "training_summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
+                  source=card.get("source"), notes=card_notes(recipe, summary),
+                  extra_files={"training_summary.json": json.dumps(_jsonable(summary), indent=2) + "\n"})
 
 
 def _jsonable(obj):
