@@ -90,6 +90,7 @@ def test_yopo_reductions_shrink_cache(toy_llava):
         Yopo(llava, YopoReductions(keep_layers=2, window=5)).prefill(yopo.prepare(ids, px))
 
 
+@pytest.mark.slow
 def test_bench_smoke(tmp_path):
     js, md, png = tmp_path / "b.json", tmp_path / "docs" / "bench.md", tmp_path / "docs" / "ttft.png"
     assert main(["--toy", "--repeats", "1", "--json", str(js), "--markdown", str(md), "--plot", str(png)]) == 0

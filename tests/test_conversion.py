@@ -10,11 +10,10 @@ import subprocess
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny import FIXTURE, HIDE_PACKAGE, PYTHON, hidden_package_env, tiny_model
+from tiny import FIXTURE, HIDE_PACKAGE, PYTHON, hidden_package_env, needs_fixture, tiny_model
 
 from vlora_hf.conversion.convert_official import main as convert_main
 
-pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason="release fixture not available")
 CKPT = FIXTURE / "official_checkpoint"
 TOWER = FIXTURE / "vision_tower"
 
@@ -72,6 +71,8 @@ def parity(folder) -> dict:
 
 
 # ----- parity ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@needs_fixture
 def test_converted_folder_reproduces_the_release_through_remote_code(converted):
     diffs = parity(converted)
     print(f"max abs diff vs release: {diffs}")
@@ -80,6 +81,7 @@ def test_converted_folder_reproduces_the_release_through_remote_code(converted):
     assert diffs["PIXELS"] < 1e-4
 
 
+@needs_fixture
 def test_converted_config_and_files(converted):
     config = json.loads((converted / "config.json").read_text())
     assert config["model_type"] == "vlora"
@@ -110,6 +112,7 @@ def test_converted_config_and_files(converted):
     assert len(ours) == len(release) - 4 - 1 + 5  # rotary buffers dropped, Bs split in five
 
 
+@needs_fixture
 def test_sharded_bin_copy_converts_to_the_same_weights(converted, tmp_path, capsys):
     """A sharded PyTorch .bin checkpoint without the tower inside (tower from --vision-tower) gives the same result;
     the output is sharded too."""
@@ -140,6 +143,7 @@ def test_sharded_bin_copy_converts_to_the_same_weights(converted, tmp_path, caps
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@needs_fixture
 def test_dtype_option(tmp_path):
     out = tmp_path / "bf16"
     assert convert_main(["--checkpoint", str(CKPT), "--output", str(out), "--dtype", "bfloat16"]) == 0
@@ -162,6 +166,7 @@ def tampered(tmp_path, drop=(), add=None, replace=None):
     return ckpt
 
 
+@needs_fixture
 def test_key_accounting_names_unused_and_unset_tensors(tmp_path, capsys):
     ckpt = tampered(tmp_path, drop=["model.layers.2.mlp.up_proj.weight", "model.mm_projector.gen.1.queries"],
                     add={"model.mm_projector.extra_scale": torch.ones(3), "mystery.weight": torch.ones(2)})
@@ -176,6 +181,7 @@ def test_key_accounting_names_unused_and_unset_tensors(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["tampered"]  # no temp folder left behind
 
 
+@needs_fixture
 def test_shape_mismatch_and_bad_bs_are_reported(tmp_path, capsys):
     ckpt = tampered(tmp_path, replace={"model.norm.weight": torch.ones(65)})
     assert convert_main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "o"), "--vision-tower", str(TOWER)]) == 1
@@ -186,6 +192,7 @@ def test_shape_mismatch_and_bad_bs_are_reported(tmp_path, capsys):
     assert "model.mm_projector.Bs has shape [1, 8, 512], expected [1, 5*2, 64*8]" in capsys.readouterr().err
 
 
+@needs_fixture
 def test_release_config_disagreements_are_reported(tmp_path, capsys):
     ckpt = tmp_path / "cfg"
     ckpt.mkdir()
@@ -203,6 +210,7 @@ def test_release_config_disagreements_are_reported(tmp_path, capsys):
 
 
 # ----- atomic output ---------------------------------------------------------------------------------------------
+@needs_fixture
 def test_non_empty_output_needs_force_and_failures_leave_it_intact(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -223,6 +231,7 @@ def test_non_empty_output_needs_force_and_failures_leave_it_intact(tmp_path, cap
 
 
 # ----- model card ------------------------------------------------------------------------------------------------
+@needs_fixture
 def test_card_parses_back_with_its_metadata(converted):
     from huggingface_hub import ModelCard
 
@@ -300,6 +309,8 @@ print('RENDERED', repr(rendered))
 """
 
 
+@pytest.mark.slow
+@needs_fixture
 def test_tokenizer_processor_and_the_card_snippet_work_without_the_package(converted_with_tokenizer):
     out = converted_with_tokenizer
     config = json.loads((out / "config.json").read_text())

@@ -72,6 +72,7 @@ def test_errors_are_clear(capsys, tmp_path):
     assert rc == 1 and "error" in err
 
 
+@pytest.mark.slow
 def test_console_script_like_make_demo():
     """What `make demo` runs: `vlora-hf generate --image ... --prompt ...` in a fresh process."""
     proc = subprocess.run([sys.executable, "-m", "vlora_hf.cli", "generate", "--image", str(EX / "shapes_1.png"),

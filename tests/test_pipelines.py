@@ -138,6 +138,7 @@ print("PIPELINES_OK")
 """
 
 
+@pytest.mark.slow
 def test_pipelines_remote_code_without_package(checkpoint):
     code = HIDE_PACKAGE + textwrap.dedent(SCRIPT.format(d=str(checkpoint)))
     res = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, env=hidden_package_env(),

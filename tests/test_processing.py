@@ -346,6 +346,7 @@ def test_bad_prompts(processor, tokenizer):
         tokenizer.model_max_length = old
 
 
+@pytest.mark.slow
 def test_auto_processor_remote_code_without_package(processor, tmp_path):
     processor.save_pretrained(tmp_path)
     names = {p.name for p in tmp_path.iterdir()}

@@ -206,6 +206,7 @@ def _part_states(model):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precompute", [False, True])
 def test_pretrain_stage_leaves_llm_and_tower_bit_identical(tmp_path, tiny_checkpoint, precompute):
     before, _ = load(tiny_checkpoint)
@@ -238,6 +239,7 @@ def test_precompute_features_needs_a_frozen_tower(tmp_path, capsys):
         tiny_recipe(tmp_path, **{"data.dataset": "llava", "data.path": "x.json", "data.multi_turn": True})
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_newest_checkpoint(tmp_path):
     recipe = tiny_recipe(tmp_path, **{"training.max_steps": 4, "training.save_strategy": "steps",
                                       "training.save_steps": 2})
@@ -251,6 +253,7 @@ def test_resume_continues_from_the_newest_checkpoint(tmp_path):
     assert [e["step"] for e in state["log_history"] if "loss" in e][:1] == [4]  # first log after the resumed step 4
 
 
+@pytest.mark.slow
 def test_two_process_cpu_accelerate_run(tmp_path):
     """`accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml` (2 CPU processes, gloo): a few DDP
     steps, then a loadable checkpoint saved once."""
@@ -272,6 +275,7 @@ def test_two_process_cpu_accelerate_run(tmp_path):
     assert torch.isfinite(model(**batch).loss)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fsdp", "deepspeed"])
 def test_sharded_configs_train_a_vlora_model(tmp_path, mode):
     """recipes/accelerate/fsdp.yaml and deepspeed_zero2.yaml, read the way accelerate and transformers.Trainer read
@@ -313,6 +317,7 @@ def test_sharded_configs_train_a_vlora_model(tmp_path, mode):
     assert not torch.equal(expected["model.generator.lora_B.q"], initial["model.generator.lora_B.q"])
 
 
+@pytest.mark.slow
 def test_finetune_on_llava_json_trains_llm_keeps_tower(tmp_path, tiny_checkpoint):
     """dataset llava (the data module's LLaVADataset/collator), stage finetune, precomputed tower features."""
     from vlora_hf.data import shapes
@@ -332,6 +337,7 @@ def test_finetune_on_llava_json_trains_llm_keeps_tower(tmp_path, tiny_checkpoint
     assert not all(torch.equal(new["language_model"][k], v) for k, v in states["language_model"].items())
 
 
+@pytest.mark.slow
 def test_pretrain_from_text_model_and_vision_tower_folders(tmp_path):
     """Init from a transformers causal-LM folder + a CLIP vision folder: their weights land unchanged and stay
     frozen through stage pretrain."""
@@ -456,6 +462,7 @@ torch.save(model.model.vision_tower.state_dict(), sys.argv[2] + f".{rank}")
 """
 
 
+@pytest.mark.slow
 def test_warm_start_splits_batches_across_processes(tmp_path):
     """Two gloo processes with half the batch each end with the tower one process trains on the whole batch."""
     recipe = tiny_recipe(tmp_path, **{"data.num_images": 12})
@@ -476,6 +483,7 @@ def test_warm_start_splits_batches_across_processes(tmp_path):
         assert torch.equal(two[key], other[key]), key
 
 
+@pytest.mark.slow
 def test_frozen_warm_started_tower_trains_on_precomputed_features(tmp_path):
     """freeze_tower: VLoRA training keeps the tower as the warm start left it and may precompute its features;
     the saved tower equals that of a run whose VLoRA steps have learning rate 0, while the rest trained."""
@@ -493,6 +501,7 @@ def test_frozen_warm_started_tower_trains_on_precomputed_features(tmp_path):
     assert not any(torch.equal(a["generator"][k], v) for k, v in b["generator"].items() if k.endswith("weight"))
 
 
+@pytest.mark.slow
 def test_tower_warm_start_trains_only_the_tower(tmp_path):
     """The warm start lowers its answer-word loss and touches the tower alone; bad specs raise."""
     from vlora_hf.training.train import load_rows, shapes_dataset
