@@ -284,7 +284,7 @@ def test_compute_table_for_the_7b_release_config():
 # ----- processor with a tokenizer ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def converted_with_tokenizer(tmp_path_factory):
-    from vlora_hf.tokenization import build_tokenizer
+    from vlora_hf.training.bpe_tokenizer import build_tokenizer
 
     prompts = json.loads((FIXTURE / "prompts.json").read_text())
     tok_dir = tmp_path_factory.mktemp("tok")
@@ -355,7 +355,7 @@ def test_export_cli_round_trip(tmp_path, capsys):
 def test_export_folder_rejects_a_processor_with_another_image_id(tmp_path):
     from vlora_hf.conversion.export import export_folder
     from vlora_hf.processing import VLoRAImageProcessor, VLoRAProcessor
-    from vlora_hf.tokenization import build_tokenizer
+    from vlora_hf.training.bpe_tokenizer import build_tokenizer
 
     model = tiny_model(seed=2)
     processor = VLoRAProcessor(image_processor=VLoRAImageProcessor(), tokenizer=build_tokenizer(["a b c"]))

@@ -1,8 +1,13 @@
-"""A small byte-level BPE tokenizer for tests and the demo (contract: ``build_tokenizer``)."""
+"""Train a small byte-level BPE tokenizer, for models trained from scratch (the demo model) and for tests.
 
-from __future__ import annotations
+A real backbone brings its own tokenizer; a scratch model needs one whose vocabulary fits the training text.
+"""
 
-from typing import Iterable
+import re
+from collections.abc import Iterable
+
+from ..answering import user_message
+from ..processing.chat_templates import VICUNA_V1_TEMPLATE
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 
@@ -30,10 +35,8 @@ def build_tokenizer(
     from transformers import PreTrainedTokenizerFast
 
     phrases = sorted({p for p in added_phrases if p}, key=len, reverse=True)
-    texts = [t for t in texts]
+    texts = list(texts)
     if phrases:
-        import re
-
         pattern = re.compile("|".join(re.escape(p) for p in phrases))
         texts = [piece for t in texts for piece in pattern.split(t) if piece]
     if vocab_size < 256 + len(SPECIAL_TOKENS):
@@ -58,10 +61,7 @@ def build_tokenizer(
             single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
         )
     if chat_template is None:
-        try:
-            from .processing.chat_templates import VICUNA_V1_TEMPLATE as chat_template
-        except ImportError:  # pragma: no cover
-            chat_template = None
+        chat_template = VICUNA_V1_TEMPLATE
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="<unk>",
@@ -77,8 +77,7 @@ def build_tokenizer(
         from tokenizers import AddedToken
 
         fast.add_tokens([AddedToken(p, normalized=False, special=False) for p in phrases])
-    if chat_template is not None:
-        fast.chat_template = chat_template
+    fast.chat_template = chat_template
     return fast
 
 
@@ -102,4 +101,22 @@ def template_phrases(chat_template: str, image_token: str = "<image>", follow_up
     return pieces + [opener] if opener.strip() and opener not in pieces else pieces
 
 
-__all__ = ["build_tokenizer", "template_phrases", "SPECIAL_TOKENS"]
+def tokenizer_corpus(template: str, rows) -> list[str]:
+    """The training conversations as the model will read them (template included): one text per row
+    (image index, question, answer), so the template's fixed text is as frequent in the corpus as in training."""
+    from jinja2 import Template
+
+    def fail(message):
+        raise ValueError(message)
+
+    rows = rows or [(0, "Describe the image.", "")]
+    render = Template(template).render
+    rendered: dict[tuple[str, str], str] = {}
+    for _, q, a in rows:
+        if (q, a) not in rendered:
+            messages = user_message(q) + [{"role": "assistant", "content": a}]
+            rendered[(q, a)] = render(messages=messages, add_generation_prompt=False, raise_exception=fail)
+    return [rendered[(q, a)] for _, q, a in rows]
+
+
+__all__ = ["build_tokenizer", "template_phrases", "tokenizer_corpus", "SPECIAL_TOKENS"]
