@@ -266,7 +266,8 @@ def test_compute_table_for_the_7b_release_config():
     from transformers import CLIPVisionConfig, LlamaConfig
 
     from vlora_hf import VLoRAConfig
-    from vlora_hf.conversion.model_card import compute_rows, generator_flops, llm_prefill_flops
+    from vlora_hf import flops
+    from vlora_hf.conversion.model_card import compute_rows
 
     config = VLoRAConfig(
         text_config=LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -278,7 +279,10 @@ def test_compute_table_for_the_7b_release_config():
     visual = rows["Visual FLOPs (image-dependent compute on the LLM side)"]
     assert 7.0e12 < visual[1] < 8.5e12  # LLaVA-1.5-7B: ~7.6 TFLOPs for 576 visual tokens (paper: 7.63)
     assert visual[0] < visual[1] / 7  # VLoRA's image costs an order of magnitude less
-    assert llm_prefill_flops(config, 1) > 0 and generator_flops(config) > 0
+    assert visual == (40916484096, 7591270809600)
+    # one token through 32 layers: q,k,v,o 4·2·4096² + MLP 3·2·4096·11008, attention to itself 4·4096
+    assert flops.prefill(config, 1) == 32 * (8 * 4096**2 + 6 * 4096 * 11008 + 4 * 4096)
+    assert rows["Extra FLOPs per generated token due to the image"] == (8 * 5 * 2 * 64 * 2 * 4096, 32 * 4 * 576 * 4096)
 
 
 # ----- processor with a tokenizer ----------------------------------------------------------------------------------

@@ -285,7 +285,6 @@ def run_bench(st: BenchSettings, log=print) -> dict:
             st.repeats, dev).items()}
     dec = med["decode_s_per_token"]
     pg = med["prefill_given_s"]
-    llm, tower, genm, yg = st.sizes.geoms(systems["yopo"].runner.red)
     result = {
         f"ttft_ratio_vs_llava_t{T0}": ttft["vlora"] / ttft["llava"],
         f"ttft_ratio_vs_yopo_t{T0}": ttft["vlora"] / ttft["yopo"],
@@ -308,7 +307,7 @@ def run_bench(st: BenchSettings, log=print) -> dict:
         "stats_seconds": stats,
         "raw_seconds": raw,
         "peak_memory_method": mem_method,
-        "flops": {"bench": F.summary(llm, tower, genm, yg, text_tokens=T0), "paper_7b": F.paper_7b()},
+        "flops": {"bench": st.sizes.flops(systems["yopo"].runner.red, T0), "paper_7b": F.paper_7b()},
         "settings": {
             **{k: v_ for k, v_ in asdict(st).items() if k not in ("sizes", "yopo")},
             "sizes": st.sizes.describe(),

@@ -35,7 +35,7 @@ from .model_builder import build_model_and_processor
 from .scratch_tower import WARM_START_ARGS, warm_start_tower
 from .stages import apply_stage
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vlora_hf.training")  # not __name__: it is "__main__" under `python -m`
 
 
 def training_data(data_args, processor, images=None, rows=None):
