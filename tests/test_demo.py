@@ -14,8 +14,8 @@ from vlora_hf.training.evaluate import exact_match
 
 TARGET_ACCURACY = 0.95  # the demo model's goal per question type
 # The shipped model (seed 1) measured 100 / 100 / 96.1 / 95.6 % on the card's held-out split below
-# (recipes/demo.yaml eval.shapes: 2000 images, seed 0); on the 2000-image splits of seeds 1 and 2,
-# 100 / 99.9 / 95.4 / 95.0 % and 100 / 100 / 97.4 / 97.1 % (README). A retrained or broken model under the goal on
+# (recipes/demo.yaml heldout_images: 2000, heldout_seed: 0); on the 2000-image splits of seeds 1 and 2,
+# 100 / 99.9 / 95.4 / 95.0 % and 100 / 100 / 97.4 / 97.1 %. A retrained or broken model under the goal on
 # this split fails here.
 FLOORS = {question: TARGET_ACCURACY for question in shapes.QUESTIONS}
 N_HELDOUT_IMAGES = 2000  # the card's split: 1000 single-shape images (colour, shape) + 1000 count images

@@ -110,7 +110,9 @@ def build_model_card(
     num_parameters: int | None = None,
     notes: list[str] | None = None,
 ) -> ModelCard:
-    """A ModelCard whose metadata and text are computed from `config` (a VLoRAConfig)."""
+    """A ModelCard whose metadata and text are computed from `config` (a VLoRAConfig).
+
+    Long (85 lines) because most of it is the card's text, kept in reading order."""
     tc, vc = config.text_config, config.vision_config
     data = ModelCardData(
         library_name="transformers",

@@ -7,7 +7,6 @@ Mapping-valued fields (`text_config`, `vlora`, ...) take JSON or YAML text on th
 `vlora-hf train --help` lists every field, transformers' `TrainingArguments` included.
 """
 
-import argparse
 import dataclasses
 import json
 from dataclasses import dataclass, field

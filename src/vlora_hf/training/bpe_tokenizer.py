@@ -12,26 +12,17 @@ from ..processing.chat_templates import VICUNA_V1_TEMPLATE
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 
 
-def build_tokenizer(
-    texts: Iterable[str],
-    vocab_size: int = 320,
-    add_bos: bool = True,
-    chat_template=None,
-    model_max_length: int = 2048,
-    added_phrases: Iterable[str] = (),
-):
-    """Train a byte-level BPE tokenizer on ``texts``.
+def build_tokenizer(texts: Iterable[str], vocab_size: int = 320, add_bos: bool = True, chat_template=None,
+                    model_max_length: int = 2048, added_phrases: Iterable[str] = ()):
+    """Train a byte-level BPE tokenizer on ``texts`` -> a ``PreTrainedTokenizerFast``.
 
-    Special tokens (ids 0..4): ``<unk> <s> </s> <pad> <image>``. ``bos`` = ``<s>`` (prepended when
-    ``add_special_tokens=True`` and ``add_bos``), ``eos`` = ``</s>``, ``pad`` = ``<pad>``; ``<image>`` is
-    the image placeholder. Decoding is an exact round trip of the encoded text. The vicuna_v1 chat
-    template is attached unless ``chat_template`` is given. Set ``model_max_length`` to the model's
-    ``max_position_embeddings`` so over-long prompts are rejected by the processor. Each of ``added_phrases``
-    (e.g. a chat template's fixed text, see ``template_phrases``) becomes one added token, matched before
-    BPE like a role marker, and is left out of the BPE training text.
-    Returns a ``transformers.PreTrainedTokenizerFast``.
+    Special tokens (ids 0..4) ``<unk> <s> </s> <pad> <image>``: bos ``<s>`` (prepended with ``add_bos``), eos
+    ``</s>``, pad ``<pad>``, ``<image>`` the placeholder. Decoding round-trips the text exactly. The vicuna_v1
+    template is attached unless ``chat_template`` is given; ``model_max_length`` should be the model's
+    ``max_position_embeddings`` so the processor rejects over-long prompts. Each of ``added_phrases`` (a
+    template's fixed text, see ``template_phrases``) becomes one added token and stays out of the BPE text.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     phrases = sorted({p for p in added_phrases if p}, key=len, reverse=True)
@@ -40,44 +31,24 @@ def build_tokenizer(
         pattern = re.compile("|".join(re.escape(p) for p in phrases))
         texts = [piece for t in texts for piece in pattern.split(t) if piece]
     if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(
-            f"build_tokenizer: vocab_size must be at least {256 + len(SPECIAL_TOKENS)} "
-            f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens), got {vocab_size}"
-        )
+        raise ValueError(f"build_tokenizer: vocab_size must be at least {256 + len(SPECIAL_TOKENS)} "
+                         f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens), got {vocab_size}")
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        min_frequency=1,
-        show_progress=False,
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), min_frequency=1,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts or [""], trainer=trainer)
     if add_bos:
         bos_id = tok.token_to_id("<s>")
         tok.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
         )
-    if chat_template is None:
-        chat_template = VICUNA_V1_TEMPLATE
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        extra_special_tokens=["<image>"],
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-        model_max_length=model_max_length,
-    )
-    if phrases:
-        from tokenizers import AddedToken
-
-        fast.add_tokens([AddedToken(p, normalized=False, special=False) for p in phrases])
-    fast.chat_template = chat_template
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", extra_special_tokens=["<image>"], padding_side="left",
+                                   clean_up_tokenization_spaces=False, model_max_length=model_max_length)
+    fast.add_tokens([AddedToken(p, normalized=False, special=False) for p in phrases])
+    fast.chat_template = VICUNA_V1_TEMPLATE if chat_template is None else chat_template
     return fast
 
 
