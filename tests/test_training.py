@@ -311,9 +311,14 @@ def test_two_process_cpu_accelerate_run(tmp_path):
     summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 3
     assert proc.stdout.count("[vlora-hf train] saved to") == 1  # only the main process saves
+    from transformers import set_seed
+
+    args = tiny_args(tmp_path / "init")  # the same model and tokenizer, before training
+    set_seed(0)
+    model0, processor0 = build_model_and_processor(args[0], rows_for_tokenizer=_rows(args))
     model, processor = load(tmp_path / "out")
-    batch = fixed_batch(processor, n=4)
-    assert torch.isfinite(model(**batch).loss)
+    assert processor.tokenizer.get_vocab() == processor0.tokenizer.get_vocab()
+    assert batch_loss(model, fixed_batch(processor)) < batch_loss(model0, fixed_batch(processor0))
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ def describe_times(xs):
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
-def interleaved(fns: dict, repeats: int, device) -> dict:
+def interleaved(fns: dict, repeats: int) -> dict:
     """fns: name -> callable returning seconds (or a value to record). A B C A B C ..., rotating the start."""
     out = {k: [] for k in fns}
     names = list(fns)
