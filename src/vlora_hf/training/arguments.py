@@ -19,6 +19,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
 from ..dtypes import DTYPES
+from .llm_lora import check_llm_lora
 from .scratch_tower import WARM_START_ARGS, check_schedule
 from .stages import STAGES
 
@@ -68,14 +69,16 @@ class ModelArguments:
         "help": "A tower trained from scratch: {patch_embedding: fan_in, position_embedding: sincos, warm_start: "
                 "{steps, learning_rate, batch_size, lr_scheduler_type, warmup_steps, freeze_tower}}."})
     llm_lora: dict | str | None = field(default=None, metadata={
-        "help": "A LoRA on the LLM instead of full fine-tuning: {r, alpha, target_modules}."})
+        "help": "A LoRA on the LLM instead of full fine-tuning (stage finetune; merged at export): {r, alpha, "
+                "target_modules, dropout}."})
     tokenizer: str | None = field(default=None, metadata={
         "help": "Tokenizer folder (default: the checkpoint's or the text model's)."})
     tokenizer_build: dict | str | None = field(default=None, metadata={
         "help": "Random init: train a byte-level BPE tokenizer on the training conversations, {vocab_size, "
                 "template_tokens}; template_tokens makes the chat template's fixed text one token each."})
     chat_template: str | None = field(default=None, metadata={
-        "help": "vicuna_v1 (default for new processors), plain, or a jinja template."})
+        "help": "vicuna_v1 (default for new processors), plain, backbone (the tokenizer's own template with "
+                "<image> where the image goes), or a jinja template."})
     image_processor: dict | str | None = field(default=None, metadata={
         "help": "VLoRAImageProcessor keyword arguments (image_mean, image_std, size, ...)."})
 
@@ -209,7 +212,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         raise ValueError("precompute_image_features needs a frozen tower (stage pretrain or finetune, or "
                          "scratch_tower.warm_start.freeze_tower)")
     if model_args.llm_lora is not None:
-        raise ValueError("llm_lora is not implemented yet")
+        check_llm_lora(model_args.llm_lora, stage)
 
 
 def load_recipe(path) -> dict:
