@@ -1,12 +1,12 @@
 # `make demo`: set up (CPU torch) and let the shipped demo model answer about an example image.
-# `make test`: set up and run the test suite.
+# `make test`: set up and run the whole test suite; `make test-fast`: the tests not marked slow (under a minute).
 # `make web`: set up and serve the web page (the demo model) on http://127.0.0.1:7860.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test demo-model bench web clean
+.PHONY: setup demo test test-fast demo-model bench web clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,9 @@ demo: setup
 
 test: setup $(VENV)/.deepspeed $(VENV)/.browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" tests
 
 # Two training processes (DDP over gloo), one per core; the main one evaluates and writes the model.
 demo-model: setup

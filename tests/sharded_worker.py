@@ -81,7 +81,7 @@ def deepspeed_prepare(model, config_file: str, rows: int):
 
 def main(mode: str, config_file: str, batch_file: str, out_file: str) -> None:
     from tiny import tiny_model
-    from vlora_hf.training.train import apply_stage
+    from vlora_hf.training.stages import apply_stage
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     model = tiny_model(seed=0).train()

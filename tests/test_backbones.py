@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 from tiny import clip_config, llama_config, qwen2_config, tiny_model
 from transformers import (
     AutoModelForCausalLM,
@@ -20,8 +21,8 @@ from transformers import (
 from vlora_hf import VLoRAForCausalLM
 from vlora_hf.data.shapes import make_rows
 from vlora_hf.processing import VLoRAImageProcessor, VLoRAProcessor
-from vlora_hf.tokenization import build_tokenizer
-from vlora_hf.training import recipe as recipe_mod
+from vlora_hf.training.arguments import parse_args
+from vlora_hf.training.bpe_tokenizer import build_tokenizer
 from vlora_hf.training.train import run
 
 # Qwen2's ChatML template and Llama-3-Instruct's header template, as those tokenizers ship them.
@@ -152,21 +153,20 @@ def backbone_folders(tmp_path, name: str):
 @pytest.mark.parametrize("name", ["qwen2", "llama3"])
 def test_backbone_trains_on_its_own_template_and_stops_at_its_eos(tmp_path, name):
     tok = backbone_folders(tmp_path, name)
-    recipe = recipe_mod.deep_merge(recipe_mod.DEFAULTS, {
-        "stage": "finetune", "output_dir": str(tmp_path / "out"),
-        "model": {"text_model": str(tmp_path / name), "vision_tower": str(tmp_path / "clip"),
-                  "vlora": {"generator_hidden_size": 16, "generator_depth": 1, "generator_num_heads": 4,
-                            "lora_rank": 4, "skip_layers": 1, "vision_feature_layer": -1},
-                  "init_lora_B_std": 0.02},
-        "tokenizer": {"chat_template": "backbone"},
+    recipe = {
+        "stage": "finetune", "output_dir": str(tmp_path / "run"), "export_dir": str(tmp_path / "out"),
+        "text_model": str(tmp_path / name), "vision_tower": str(tmp_path / "clip"),
+        "vlora": {"generator_hidden_size": 16, "generator_depth": 1, "generator_num_heads": 4,
+                  "lora_rank": 4, "skip_layers": 1, "vision_feature_layer": -1},
+        "init_lora_B_std": 0.02, "chat_template": "backbone",
         "image_processor": {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
-        "data": {"dataset": "shapes", "num_images": 4, "seed": 0, "precompute_image_features": True},
-        "training": {"run_dir": str(tmp_path / "run"), "max_steps": 60, "per_device_train_batch_size": 8,
-                     "learning_rate": 5e-3, "lr_scheduler_type": "constant", "logging_steps": 20,
-                     "save_strategy": "no", "torch_threads": 2},
-        "eval": {"shapes": None},
-    })
-    run(recipe_mod.validate(recipe))
+        "dataset": "shapes", "num_images": 4, "shapes_seed": 0, "precompute_image_features": True,
+        "max_steps": 60, "per_device_train_batch_size": 8, "learning_rate": 5e-3, "lr_scheduler_type": "constant",
+        "logging_steps": 20, "save_strategy": "no", "torch_threads": 2,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run(*parse_args(["--recipe", str(path)])[:4])
 
     out = tmp_path / "out"
     model = AutoModelForCausalLM.from_pretrained(out).eval()

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from vlora_hf.data.llava import IGNORE_INDEX, LLaVACollator, LLaVADataset
-from vlora_hf.tokenization import build_tokenizer
+from vlora_hf.training.bpe_tokenizer import build_tokenizer
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from vlora_hf.generate import main
-from vlora_hf.training.examples import EXAMPLES, examples_dir
+from vlora_hf.data.example_images import EXAMPLES, examples_dir
 
 EX = examples_dir()
 
@@ -20,7 +20,7 @@ def run_cli(capsys, *argv):
 
 
 def test_examples_are_the_shipped_drawings():
-    from vlora_hf.training.examples import draw_example
+    from vlora_hf.data.example_images import draw_example
 
     for name in EXAMPLES:
         from PIL import Image
@@ -72,6 +72,7 @@ def test_errors_are_clear(capsys, tmp_path):
     assert rc == 1 and "error" in err
 
 
+@pytest.mark.slow
 def test_console_script_like_make_demo():
     """What `make demo` runs: `vlora-hf generate --image ... --prompt ...` in a fresh process."""
     proc = subprocess.run([sys.executable, "-m", "vlora_hf.cli", "generate", "--image", str(EX / "shapes_1.png"),

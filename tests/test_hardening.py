@@ -104,7 +104,7 @@ def test_length_limits_are_the_models_max_position_embeddings(tmp_path):
 
     from vlora_hf.conversion.export import export_folder
     from vlora_hf.processing import VLoRAProcessor
-    from vlora_hf.tokenization import build_tokenizer
+    from vlora_hf.training.bpe_tokenizer import build_tokenizer
 
     demo = vlora_hf.demo_model_path()
     limit = json.loads((demo / "config.json").read_text())["text_config"]["max_position_embeddings"]

@@ -100,24 +100,19 @@ def test_llm_lora_helpers_target_only_the_language_model_and_merge_exactly():
 
 
 def test_recipe_llm_lora_trains_q_and_v_only_and_exports_merged(tmp_path):
-    from test_training import tiny_recipe
+    from test_training import FROM_CHECKPOINT, tiny_args
 
-    from vlora_hf.training import recipe as recipe_mod
-    from vlora_hf.training.train import build_model_and_processor, run
+    from vlora_hf.training.train import run
 
     # a scratch model saved first, then LoRA-finetuned from it as a checkpoint
-    start = tiny_recipe(tmp_path / "a", **{"training.max_steps": 1})
-    run(start)
-    recipe = tiny_recipe(tmp_path / "b", stage="finetune", **{
-        "model.text_config": None, "model.vision_config": None, "model.checkpoint": start["output_dir"],
-        "tokenizer.build": None, "training.max_steps": 3,
-        "training.llm_lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}})
-    summary = run(recipe)
+    run(*tiny_args(tmp_path / "a", max_steps=1))
+    start = str(tmp_path / "a" / "out")
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    summary = run(*tiny_args(tmp_path / "b", stage="finetune", checkpoint=start, max_steps=3, llm_lora=lora,
+                             **FROM_CHECKPOINT))
     assert summary["trainable"]["language_model"] == 2 * 2 * (4 * 32 + 32 * 4)  # 2 layers x (q, v)
-    before, _ = build_model_and_processor(start | {"model": {**start["model"], "checkpoint": start["output_dir"],
-                                                             "text_config": None, "vision_config": None},
-                                                   "tokenizer": {**start["tokenizer"], "build": None}})
-    after = VLoRAForCausalLM.from_pretrained(recipe["output_dir"])
+    before = VLoRAForCausalLM.from_pretrained(start)
+    after = VLoRAForCausalLM.from_pretrained(tmp_path / "b" / "out")
     old, new = before.state_dict(), after.state_dict()
     assert set(old) == set(new)  # merged: no LoRA keys in the export
     changed = {k for k in old if not torch.equal(old[k], new[k])}
@@ -126,6 +121,6 @@ def test_recipe_llm_lora_trains_q_and_v_only_and_exports_merged(tmp_path):
     assert any(k.startswith("model.generator.") for k in changed)
     assert not any(k.startswith("model.vision_tower.") for k in changed)
     with pytest.raises(ValueError, match="use stage finetune"):
-        recipe_mod.validate({**recipe, "stage": "pretrain"})
+        tiny_args(tmp_path / "c", stage="pretrain", checkpoint=start, llm_lora=lora, **FROM_CHECKPOINT)
     with pytest.raises(ValueError, match="target_modules required"):
-        recipe_mod.validate({**recipe, "training": {**recipe["training"], "llm_lora": {"r": 4}}})
+        tiny_args(tmp_path / "d", stage="finetune", checkpoint=start, llm_lora={"r": 4}, **FROM_CHECKPOINT)

@@ -25,7 +25,7 @@ MAX_POSITIONS = 256
 def checkpoint(tmp_path_factory):
     from tiny import tiny_model
     from vlora_hf.processing import VLoRAImageProcessor, VLoRAProcessor
-    from vlora_hf.tokenization import build_tokenizer
+    from vlora_hf.training.bpe_tokenizer import build_tokenizer
 
     tok = build_tokenizer(CORPUS, vocab_size=300)
     tok.model_max_length = MAX_POSITIONS  # what an export does: the tokenizer knows the model's limit
@@ -138,6 +138,7 @@ print("PIPELINES_OK")
 """
 
 
+@pytest.mark.slow
 def test_pipelines_remote_code_without_package(checkpoint):
     code = HIDE_PACKAGE + textwrap.dedent(SCRIPT.format(d=str(checkpoint)))
     res = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, env=hidden_package_env(),

@@ -20,7 +20,7 @@ from vlora_hf.processing import (
     VLoRAProcessor,
     expand2square,
 )
-from vlora_hf.tokenization import build_tokenizer
+from vlora_hf.training.bpe_tokenizer import build_tokenizer
 
 CORPUS = [
     "A chat between a curious user and an artificial intelligence assistant. USER: ASSISTANT: </s>",
@@ -78,7 +78,7 @@ def test_template_phrases_become_single_tokens(tmp_path):
     text round-trips through a reload."""
     from transformers import AutoTokenizer
 
-    from vlora_hf.tokenization import template_phrases
+    from vlora_hf.training.bpe_tokenizer import template_phrases
 
     system = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
               "helpful, detailed, and polite answers to the user's questions.")
@@ -346,6 +346,7 @@ def test_bad_prompts(processor, tokenizer):
         tokenizer.model_max_length = old
 
 
+@pytest.mark.slow
 def test_auto_processor_remote_code_without_package(processor, tmp_path):
     processor.save_pretrained(tmp_path)
     names = {p.name for p in tmp_path.iterdir()}

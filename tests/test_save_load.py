@@ -82,6 +82,7 @@ print('remote ok')
 """
 
 
+@pytest.mark.slow
 def test_remote_code_load_without_the_package(saved):
     result = subprocess.run([PYTHON, "-c", REMOTE, str(saved)], capture_output=True, text=True,
                             env=hidden_package_env(), cwd="/", timeout=300)

@@ -9,12 +9,15 @@ from pathlib import Path
 
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    AutoProcessor,
 )
 
 from .modeling import VLoRAConfig, VLoRAForCausalLM, VLoRAModel
+from .processing import VLoRAImageProcessor, VLoRAProcessor
 
 __version__ = "0.1.0"
 
@@ -23,14 +26,8 @@ AutoConfig.register(VLoRAConfig.model_type, VLoRAConfig, exist_ok=True)
 for _auto in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText):
     _auto.register(VLoRAConfig, VLoRAForCausalLM, exist_ok=True)
 
-try:  # the processor lands in processing/; keep the model importable on its own
-    from .processing import VLoRAImageProcessor, VLoRAProcessor  # noqa: F401
-    from transformers import AutoImageProcessor, AutoProcessor
-
-    AutoProcessor.register(VLoRAConfig, VLoRAProcessor, exist_ok=True)
-    AutoImageProcessor.register(VLoRAConfig, slow_image_processor_class=VLoRAImageProcessor, exist_ok=True)
-except ImportError:  # pragma: no cover
-    pass
+AutoProcessor.register(VLoRAConfig, VLoRAProcessor, exist_ok=True)
+AutoImageProcessor.register(VLoRAConfig, slow_image_processor_class=VLoRAImageProcessor, exist_ok=True)
 
 
 def demo_model_path() -> Path:
@@ -41,4 +38,4 @@ def demo_model_path() -> Path:
     return path
 
 
-__all__ = ["VLoRAConfig", "VLoRAForCausalLM", "VLoRAModel", "demo_model_path"]
+__all__ = ["VLoRAConfig", "VLoRAForCausalLM", "VLoRAImageProcessor", "VLoRAModel", "VLoRAProcessor", "demo_model_path"]

@@ -7,14 +7,11 @@ share the same tower and backbone weights and run the same greedy loop (prefill 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +22,7 @@ from . import flops as F
 from .systems import (
     BenchSizes, Llava, TextOnly, VLoRA, Yopo, build_llava, build_text_only, build_vlora,
 )
+from .timing import describe_times, interleaved, peak_memory, sync, timed
 from .yopo import YopoReductions
 
 SYSTEMS = ("text_only", "vlora", "llava", "yopo")
@@ -65,35 +63,7 @@ class BenchSettings:
         )
 
 
-# ----------------------------------------------------------------------------------------------- timing
-def _sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _stats(xs):
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
-
-
-def _interleaved(fns: dict, repeats: int, device) -> dict:
-    """fns: name -> callable returning seconds (or a value to record). A B C A B C ..., rotating the start."""
-    out = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for k in order:
-            out[k].append(fns[k]())
-    return out
-
-
-def _timed(fn, device):
-    _sync(device)
-    t0 = time.perf_counter()
-    res = fn()
-    _sync(device)
-    return time.perf_counter() - t0, res
-
-
+# ----------------------------------------------------------------------------------------------- main run
 def greedy(sys_, inputs, n_new: int):
     """Prefill + (n_new - 1) decode steps; returns the generated ids [b, n_new] and the final state."""
     logits, state = sys_.prefill(inputs)
@@ -106,66 +76,6 @@ def greedy(sys_, inputs, n_new: int):
     return torch.stack(toks, 1), state
 
 
-# ----------------------------------------------------------------------------------------------- memory
-class _RSSPeak:
-    """Peak resident-set size over a block, sampled every ~1 ms from /proc/self/statm (Linux)."""
-
-    def __init__(self):
-        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def _rss(self):
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
-
-    def __enter__(self):
-        self.base = self._rss()
-        self.peak = self.base
-        self._t = threading.Thread(target=self._loop, daemon=True)
-        self._t.start()
-        return self
-
-    def _loop(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self._rss())
-
-    @property
-    def delta(self):
-        return self.peak - self.base
-
-
-def _trim():
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except Exception:  # pragma: no cover - non-glibc
-        pass
-
-
-def peak_memory(fn, device) -> tuple[int, str]:
-    _trim()
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base, "cuda max_memory_allocated over the pre-call allocation"
-    if not os.path.exists("/proc/self/statm"):
-        return -1, "unavailable (needs /proc/self/statm)"
-    with _RSSPeak() as m:
-        fn()
-    return m.delta, "peak RSS increase over the pre-call RSS (sampled every 1 ms, after gc + malloc_trim)"
-
-
-# ----------------------------------------------------------------------------------------------- main run
 def build_systems(st: BenchSettings):
     dtype = getattr(torch, st.dtype)
     s = st.sizes
@@ -187,30 +97,37 @@ def _inputs(st: BenchSettings, batch: int, T: int, gen: torch.Generator):
 
 
 def run_bench(st: BenchSettings, log=print) -> dict:
+    """Build the four systems, time them side by side, and summarise (ratios, medians, FLOPs, machine)."""
     if st.threads:
         torch.set_num_threads(st.threads)
     t_start = time.perf_counter()
-    dev = st.device
     gen = torch.Generator().manual_seed(st.seed)
     log(f"building models: {st.sizes.describe()}")
     systems = build_systems(st)
-    v: VLoRA = systems["vlora"]
-    T0 = st.ref_length
-    ids1, px1 = _inputs(st, 1, max(st.text_lengths + (T0,)), gen)
-    prepared = {T: {k: s_.prepare(ids1[:, :T], px1) for k, s_ in systems.items()} for T in set(st.text_lengths) | {T0}}
-
-    # warm-up: one prefill + decode per system and length
-    for T, per in prepared.items():
+    ids1, px1 = _inputs(st, 1, max(st.text_lengths + (st.ref_length,)), gen)
+    prepared = {T: {k: s_.prepare(ids1[:, :T], px1) for k, s_ in systems.items()}
+                for T in set(st.text_lengths) | {st.ref_length}}
+    for per in prepared.values():  # warm-up: one prefill + decode per system and length
         for k, s_ in systems.items():
             greedy(s_, per[k], 2)
+    raw = time_latencies(st, systems, prepared, px1, log)
+    raw.update(time_batches(st, systems, prepared, gen, log))
+    result = summarize(st, systems, prepared, raw)
+    result["elapsed_s"] = time.perf_counter() - t_start
+    return result
 
+
+def time_latencies(st: BenchSettings, systems: dict, prepared: dict, px1, log) -> dict:
+    """Batch-1 timings: time to first token per length, decode per token, the LLM overhead of given weights,
+    the generator and the tower alone. -> {measurement: {system: [seconds per repeat]}}"""
+    dev, T0, v = st.device, st.ref_length, systems["vlora"]
     raw: dict = {}
     # 1. time to first token (tower + generator / projector + prefill + argmax), batch 1
     for T in st.text_lengths:
         log(f"ttft T={T}")
-        fns = {k: (lambda k=k, T=T: _timed(lambda: systems[k].prefill(prepared[T][k])[0].argmax(-1), dev)[0])
+        fns = {k: (lambda k=k, T=T: timed(lambda: systems[k].prefill(prepared[T][k])[0].argmax(-1), dev)[0])
                for k in systems}
-        raw[f"ttft_s_t{T}"] = _interleaved(fns, st.repeats, dev)
+        raw[f"ttft_s_t{T}"] = interleaved(fns, st.repeats)
 
     # 2. per-token decode latency, batch 1, after a T0 prefill (untimed)
     log("decode")
@@ -218,74 +135,86 @@ def run_bench(st: BenchSettings, log=print) -> dict:
     def _decode(k):
         logits, state = systems[k].prefill(prepared[T0][k])
         tok = logits.argmax(-1)
-        _sync(dev)
+        sync(dev)
         t0 = time.perf_counter()
         for _ in range(st.decode_tokens):
             logits, state = systems[k].decode(tok, state)
             tok = logits.argmax(-1)
-        _sync(dev)
+        sync(dev)
         return (time.perf_counter() - t0) / st.decode_tokens
 
-    raw["decode_s_per_token"] = _interleaved({k: (lambda k=k: _decode(k)) for k in systems}, st.repeats, dev)
+    raw["decode_s_per_token"] = interleaved({k: (lambda k=k: _decode(k)) for k in systems}, st.repeats)
 
     # 3. LLM overhead of the perceptual weights: VLoRA prefill with given weights vs the plain backbone
     log("llm overhead (prefill with given weights)")
     with torch.inference_mode():
         w1 = v.weights(px1)
-    raw["prefill_given_s"] = _interleaved(
+    raw["prefill_given_s"] = interleaved(
         {
-            "text_only": lambda: _timed(lambda: systems["text_only"].prefill(prepared[T0]["text_only"]), dev)[0],
-            "vlora": lambda: _timed(lambda: v.prefill_with(prepared[T0]["vlora"], w1), dev)[0],
+            "text_only": lambda: timed(lambda: systems["text_only"].prefill(prepared[T0]["text_only"]), dev)[0],
+            "vlora": lambda: timed(lambda: v.prefill_with(prepared[T0]["vlora"], w1), dev)[0],
         },
-        3 * st.repeats, dev,  # cheap and noise-sensitive: three times the repeats
+        3 * st.repeats,  # cheap and noise-sensitive: three times the repeats
     )
 
     # 4. the generator's own time and the (shared) tower's time, batch 1
     log("generator")
     with torch.inference_mode():
         feats = v.model.model.get_vision_features(px1)
-        raw["generator_s"] = _interleaved(
-            {"generator": lambda: _timed(lambda: v.model.model.generator(feats), dev)[0],
-             "tower": lambda: _timed(lambda: v.model.model.get_vision_features(px1), dev)[0]},
-            3 * st.repeats, dev,
-        )
+        raw["generator_s"] = interleaved(
+            {"generator": lambda: timed(lambda: v.model.model.generator(feats), dev)[0],
+             "tower": lambda: timed(lambda: v.model.model.get_vision_features(px1), dev)[0]},
+            3 * st.repeats)
 
-    # 5. batch generate throughput: `batch` rows, a different image each, T0 text tokens, new_tokens each
+    return raw
+
+
+def time_batches(st: BenchSettings, systems: dict, prepared: dict, gen, log) -> dict:
+    """Batch generate throughput, KV-cache bytes after a batch-1 prefill, and peak memory of a batch generate."""
+    dev, T0 = st.device, st.ref_length
+    raw: dict = {}
+    # batch generate throughput: `batch` rows, a different image each, T0 text tokens, new_tokens each
     log(f"throughput b={st.batch}")
     idsb, pxb = _inputs(st, st.batch, T0, gen)
     prep_b = {k: s_.prepare(idsb, pxb) for k, s_ in systems.items()}
     for k, s_ in systems.items():
         greedy(s_, prep_b[k], 2)
-    raw[f"generate_s_b{st.batch}"] = _interleaved(
-        {k: (lambda k=k: _timed(lambda: greedy(systems[k], prep_b[k], st.new_tokens), dev)[0]) for k in systems},
-        st.repeats, dev,
-    )
+    raw[f"generate_s_b{st.batch}"] = interleaved(
+        {k: (lambda k=k: timed(lambda: greedy(systems[k], prep_b[k], st.new_tokens), dev)[0]) for k in systems},
+        st.repeats)
 
-    # 6. KV-cache bytes after a batch-1 prefill of T0 text tokens
+    # KV-cache bytes after a batch-1 prefill of T0 text tokens
     kv = {}
     for k, s_ in systems.items():
         _, state = s_.prefill(prepared[T0][k])
         kv[k] = s_.cache_bytes(state)
         del state
 
-    # 7. peak memory of one batch generate per system (after the timings; models already resident)
+    # peak memory of one batch generate per system (after the timings; models already resident)
     mem, mem_method = {}, ""
     if st.memory:
         log("peak memory")
         for k in systems:
             mem[k], mem_method = peak_memory(lambda k=k: greedy(systems[k], prep_b[k], st.new_tokens), dev)
+    return {**raw, "kv_cache_bytes": kv, "peak_memory_bytes": mem, "peak_memory_method": mem_method}
 
+
+def summarize(st: BenchSettings, systems: dict, prepared: dict, measured: dict) -> dict:
+    """Medians, spreads and the headline ratios of the timings, with the FLOPs and the settings."""
+    dev, T0 = st.device, st.ref_length
+    kv, mem = measured.pop("kv_cache_bytes"), measured.pop("peak_memory_bytes")
+    mem_method = measured.pop("peak_memory_method")
+    raw = measured
     med = {name: {k: statistics.median(x) for k, x in d.items()} for name, d in raw.items()}
-    stats = {name: {k: _stats(x) for k, x in d.items()} for name, d in raw.items()}
+    stats = {name: {k: describe_times(x) for k, x in d.items()} for name, d in raw.items()}
     tput = {k: st.batch * st.new_tokens / x for k, x in med[f"generate_s_b{st.batch}"].items()}
     ttft = med[f"ttft_s_t{T0}"] if f"ttft_s_t{T0}" in med else None
     if ttft is None:  # ref length not among the TTFT lengths: measure it now
-        ttft = {k: statistics.median(x) for k, x in _interleaved(
-            {k: (lambda k=k: _timed(lambda: systems[k].prefill(prepared[T0][k]), dev)[0]) for k in systems},
-            st.repeats, dev).items()}
+        ttft = {k: statistics.median(x) for k, x in interleaved(
+            {k: (lambda k=k: timed(lambda: systems[k].prefill(prepared[T0][k]), dev)[0]) for k in systems},
+            st.repeats).items()}
     dec = med["decode_s_per_token"]
     pg = med["prefill_given_s"]
-    llm, tower, genm, yg = st.sizes.geoms(systems["yopo"].runner.red)
     result = {
         f"ttft_ratio_vs_llava_t{T0}": ttft["vlora"] / ttft["llava"],
         f"ttft_ratio_vs_yopo_t{T0}": ttft["vlora"] / ttft["yopo"],
@@ -308,7 +237,7 @@ def run_bench(st: BenchSettings, log=print) -> dict:
         "stats_seconds": stats,
         "raw_seconds": raw,
         "peak_memory_method": mem_method,
-        "flops": {"bench": F.summary(llm, tower, genm, yg, text_tokens=T0), "paper_7b": F.paper_7b()},
+        "flops": {"bench": st.sizes.flops(systems["yopo"].runner.red, T0), "paper_7b": F.paper_7b()},
         "settings": {
             **{k: v_ for k, v_ in asdict(st).items() if k not in ("sizes", "yopo")},
             "sizes": st.sizes.describe(),
@@ -320,12 +249,12 @@ def run_bench(st: BenchSettings, log=print) -> dict:
     result.setdefault("ttft_ratio_vs_llava_t64", result[f"ttft_ratio_vs_llava_t{T0}"])
     result.setdefault("ttft_ratio_vs_yopo_t64", result[f"ttft_ratio_vs_yopo_t{T0}"])
     result.setdefault("throughput_ratio_vs_llava_b8", result[f"throughput_ratio_vs_llava_b{st.batch}"])
-    result["targets"] = targets(result, T0)
-    result["elapsed_s"] = time.perf_counter() - t_start
+    result["targets"] = targets(result)
     return result
 
 
-def targets(r: dict, T0: int = 64) -> dict:
+def targets(r: dict) -> dict:
+    """The speed goals, each with its measured value and whether it is met."""
     rows = {
         "llm_overhead_prefill <= 1.05": (r["llm_overhead_prefill"], r["llm_overhead_prefill"] <= 1.05),
         "llm_overhead_decode <= 1.05": (r["llm_overhead_decode"], r["llm_overhead_decode"] <= 1.05),

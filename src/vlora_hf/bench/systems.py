@@ -63,15 +63,10 @@ class BenchSizes:
     def r(self) -> int:
         return self.rank or max(4, int(round(64 * self.scale)))
 
-    def geoms(self, yopo: YopoReductions):
-        llm = F.LLMGeom(self.llm_hidden, self.llm_intermediate(), self.llm_layers, self.llm_heads(),
-                        self.llm_heads(), self.vocab)
-        tower = F.TowerGeom(self.tower_hidden, 4 * self.tower_hidden, self.tower_layers, self.image_size,
-                            self.patch_size)
-        n_targets = self.llm_layers // self.skip_layers
-        gen = F.GenGeom(self.g(), self.gen_depth, self.tower_hidden, tower.patches, self.r(), 5, n_targets)
+    def flops(self, yopo: YopoReductions, text_tokens: int) -> dict:
+        """The analytic FLOPs summary of these sizes (`bench.flops.summary`)."""
         y = F.YopoGeom(yopo.keep_layers, yopo.head_fraction, yopo.ffn_fraction, yopo.window)
-        return llm, tower, gen, y
+        return F.summary(vlora_config(self), y, text_tokens=text_tokens)
 
     def describe(self) -> dict:
         d = asdict(self)
@@ -102,16 +97,6 @@ def vision_config(s: BenchSizes):
     )
 
 
-def _attn_impl(model, impl="sdpa"):
-    for m in model.modules():
-        c = getattr(m, "config", None)
-        if c is not None and hasattr(c, "_attn_implementation"):
-            try:
-                c._attn_implementation = impl
-            except Exception:  # pragma: no cover - read-only on some configs
-                pass
-
-
 def build_llava(s: BenchSizes, dtype=torch.float32, seed: int = 0):
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
@@ -137,20 +122,24 @@ def build_text_only(s: BenchSizes, llava, dtype=torch.float32):
     return m
 
 
-def build_vlora(s: BenchSizes, llava, dtype=torch.float32, seed: int = 1):
-    """VLoRAForCausalLM with llava's tower + backbone + LM head; generator random (B non-zero)."""
-    from vlora_hf import VLoRAConfig, VLoRAForCausalLM
+def vlora_config(s: BenchSizes):
+    """The benchmarked VLoRA model's config: llava's tower and backbone, the generator these sizes give."""
+    from vlora_hf import VLoRAConfig
 
-    torch.manual_seed(seed)
-    cfg = VLoRAConfig(
+    return VLoRAConfig(
         text_config=text_config(s).to_dict(), vision_config=vision_config(s), vision_feature_layer=-2,
         vision_feature_select_strategy="default", generator_hidden_size=s.g(), generator_depth=s.gen_depth,
         generator_num_heads=s.gheads(), lora_rank=s.r(), target_modules="qkvom", skip_layers=s.skip_layers,
     )
-    try:
-        cfg._attn_implementation = "sdpa"
-    except Exception:  # pragma: no cover
-        pass
+
+
+def build_vlora(s: BenchSizes, llava, dtype=torch.float32, seed: int = 1):
+    """VLoRAForCausalLM with llava's tower + backbone + LM head; generator random (B non-zero)."""
+    from vlora_hf import VLoRAForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = vlora_config(s)
+    cfg._attn_implementation = "sdpa"
     m = VLoRAForCausalLM(cfg).to(dtype).eval()
     m.model.vision_tower.load_state_dict(llava.model.vision_tower.state_dict())
     m.model.language_model.load_state_dict(llava.model.language_model.state_dict())

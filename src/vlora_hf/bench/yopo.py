@@ -110,7 +110,11 @@ class YopoLlava:
     # ------------------------------------------------------------------ prefill
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, pixel_values: torch.Tensor):
-        """Returns (next_token [b], cache). The image's 576 placeholder ids must be contiguous, same place per row."""
+        """Returns (next_token [b], cache). The image's 576 placeholder ids must be contiguous, same place per row.
+
+        One function on purpose (84 lines): it is the whole layer loop with YOPO's reductions inline (kept
+        heads, windowed visual attention, thinned MLP, visual tokens dropped after `keep_layers`), read top to
+        bottom against LLaVA's own decoder layer."""
         llava, lm, red = self.llava, self.lm, self.red
         is_img = input_ids[0] == self.image_token_id
         idx = is_img.nonzero().flatten()

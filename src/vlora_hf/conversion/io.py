@@ -12,10 +12,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..atomic import recover
+from ..dtypes import DTYPES  # noqa: F401 - the conversion modules take it from here
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ConversionError(ValueError):

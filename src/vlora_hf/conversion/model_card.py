@@ -1,13 +1,15 @@
 """The README.md model card of an exported / converted folder (huggingface_hub ModelCard + ModelCardData).
 
 Everything in the card is computed from the config: the architecture in numbers and an analytic comparison of
-the LLM-side compute with an input-space (LLaVA-style) model that feeds 576 visual tokens to the same backbone.
-FLOPs count a multiply-add as 2; norms, activations, softmax and RoPE are ignored (O(width) per token).
+the LLM-side compute with an input-space (LLaVA-style) model that feeds 576 visual tokens to the same backbone
+(`vlora_hf.flops`: a multiply-add counts 2; norms, activations, softmax and RoPE are ignored).
 """
 
 from __future__ import annotations
 
 from huggingface_hub import ModelCard, ModelCardData
+
+from .. import flops as F
 
 PAPER_TITLE = "Visual Perception by Large Language Model's Weights"
 ARXIV_ID = "2405.20339"
@@ -37,67 +39,20 @@ def generator_parameters(config) -> int:
     return sum(p.numel() for p in generator.parameters())
 
 
-def _text_geometry(config) -> dict:
-    tc = config.text_config
-    h = tc.hidden_size
-    q_width = config.target_shape("q")[1]
-    kv_width = config.target_shape("k")[1]
-    return dict(h=h, q=q_width, kv=kv_width, inter=tc.intermediate_size, layers=tc.num_hidden_layers,
-                vocab=tc.vocab_size)
-
-
-def llm_prefill_flops(config, n_tokens: int, start: int = 0) -> int:
-    """Decoder-layer FLOPs of `n_tokens` tokens at positions start.. (projections + causal attention)."""
-    g = _text_geometry(config)
-    per_token = 2 * (g["h"] * g["q"] + 2 * g["h"] * g["kv"] + g["q"] * g["h"] + 3 * g["h"] * g["inter"])
-    keys = sum(p + 1 for p in range(start, start + n_tokens))
-    return g["layers"] * (n_tokens * per_token + 4 * keys * g["q"])
-
-
-def generator_flops(config) -> int:
-    """FLOPs of one image through the perceptual weights generator (after the tower)."""
-    gdim, depth, ratio = config.generator_hidden_size, config.generator_depth, config.generator_mlp_ratio
-    P, Dv, r = config.num_visual_positions, config.vision_config.hidden_size, config.lora_rank
-    slots = len(config.receiving_layers)
-    targets = list(config.target_modules)
-    if config.separate_generators:
-        decoders = [(slots, config.target_shape(t)[0] * r) for t in targets]
-    else:
-        decoders = [(slots * len(targets), config.target_shape(targets[0])[0] * r)]
-    total = 2 * P * Dv * gdim
-    for n, out in decoders:
-        block = (2 * n * gdim * 3 * gdim + 4 * n * n * gdim + 2 * n * gdim * gdim  # self-attention
-                 + 2 * n * gdim * gdim + 2 * P * gdim * 2 * gdim + 4 * n * P * gdim + 2 * n * gdim * gdim  # cross
-                 + 2 * 2 * n * gdim * ratio * gdim)  # FFN
-        total += depth * block + 2 * n * gdim * out
-    return total
-
-
-def lowrank_flops_per_token(config) -> int:
-    """FLOPs the image's low-rank branches add to each text token: (x @ A) @ B^T per target and layer."""
-    r = config.lora_rank
-    per_layer = sum(2 * r * sum(config.target_shape(t)) for t in config.target_modules)
-    return len(config.receiving_layers) * per_layer
-
-
 def compute_rows(config, prompt_tokens: int = PROMPT_TOKENS, visual_tokens: int = LLAVA_VISUAL_TOKENS) -> list:
     """(quantity, VLoRA, input-space model) rows; FLOPs as ints, the rest as ints too."""
-    g = _text_geometry(config)
-    vlora_visual = generator_flops(config) + prompt_tokens * lowrank_flops_per_token(config)
-    llava_visual = llm_prefill_flops(config, visual_tokens, start=1) + 2 * visual_tokens * (
-        config.vision_config.hidden_size * g["h"] + g["h"] * g["h"])  # 2-layer MLP projector
-    # the text after the image attends to the 576 extra keys as well
-    llava_text_extra = g["layers"] * 4 * prompt_tokens * visual_tokens * g["q"]
-    text = llm_prefill_flops(config, prompt_tokens)
+    vlora_visual = F.vlora_visual(config, prompt_tokens)
+    # the input-space model's visual tokens, and the prompt attending to them as well
+    llava_visual = F.llava_visual(config, visual_tokens) + F.image_key_attention(config, prompt_tokens, visual_tokens)
+    text = F.prefill(config, prompt_tokens)
     return [
         ("Visual tokens in the LLM sequence", 0, visual_tokens),
         (f"Sequence length of a {prompt_tokens}-token prompt with one image", prompt_tokens,
          prompt_tokens + visual_tokens),
-        ("Visual FLOPs (image-dependent compute on the LLM side)", vlora_visual, llava_visual + llava_text_extra),
-        (f"LLM prefill FLOPs, {prompt_tokens}-token prompt + image", text + vlora_visual,
-         text + llava_visual + llava_text_extra),
-        ("Extra FLOPs per generated token due to the image", lowrank_flops_per_token(config),
-         g["layers"] * 4 * visual_tokens * g["q"]),
+        ("Visual FLOPs (image-dependent compute on the LLM side)", vlora_visual, llava_visual),
+        (f"LLM prefill FLOPs, {prompt_tokens}-token prompt + image", text + vlora_visual, text + llava_visual),
+        ("Extra FLOPs per generated token due to the image", F.lowrank_per_token(config),
+         F.image_key_attention(config, 1, visual_tokens)),
         ("KV-cache entries per layer for the image", 0, visual_tokens),
     ]
 
@@ -155,7 +110,9 @@ def build_model_card(
     num_parameters: int | None = None,
     notes: list[str] | None = None,
 ) -> ModelCard:
-    """A ModelCard whose metadata and text are computed from `config` (a VLoRAConfig)."""
+    """A ModelCard whose metadata and text are computed from `config` (a VLoRAConfig).
+
+    Long (85 lines) because most of it is the card's text, kept in reading order."""
     tc, vc = config.text_config, config.vision_config
     data = ModelCardData(
         library_name="transformers",

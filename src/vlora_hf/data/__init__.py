@@ -1,5 +1,6 @@
-"""Training data: the synthetic shapes-vqa set (`vlora_hf.data.shapes`) and LLaVA-format conversations
-(`vlora_hf.data.llava`: `LLaVADataset`, `LLaVACollator`, `vision_feature_encoder`).
+"""Training data: the synthetic shapes-vqa set (`shapes`, `shapes_dataset`), LLaVA-format conversations
+(`llava_format`: records and labels; `llava`: `LLaVADataset`, `LLaVACollator`) and the example images
+shipped with the package (`example_images`).
 
 Names are imported lazily so `vlora-hf make-shapes` does not import torch.
 """

@@ -1,184 +1,34 @@
-"""LLaVA-format conversations -> training tensors (dataset + collator).
+"""LLaVA-format conversations -> training tensors: `LLaVADataset` and `LLaVACollator`.
 
-Records (a json list, a ``.jsonl`` file, or a Python list)::
-
-    {"id": "...", "image": "relative/path.png",            # "image" optional: text-only sample when absent
-     "conversations": [{"from": "human", "value": "<image>\\nQuestion"}, {"from": "gpt", "value": "Answer"}, ...]}
-
-Modes (the release's two training formats):
-
-- ``"vicuna_v1"`` (instruction tuning): the conversation is rendered with the ``VICUNA_V1_TEMPLATE`` chat
-  template; labels are the tokens of every assistant turn including its closing ``</s>``, ``-100`` elsewhere.
-  As in the release, the ``<image>`` placeholder is moved to the front of its turn: ``"<image>\\n" + text``.
-- ``"plain"`` (caption pre-training): exactly one human + one gpt turn; as in the release the human turn is
-  replaced by the bare placeholder, and the text is rendered with ``PLAIN_TEMPLATE``:
-  ``"<image>\\n" + caption + "\\n"`` (bos first); labels are the caption tokens and the final ``"\\n"``.
-  (The release's ``preprocess_plain`` concatenates ``"<image>" + caption + "\\n"`` without the template's
-  newline after the placeholder; we keep the template single-sourced, which adds that one ``"\\n"`` token.)
-
-Assistant spans are found without re-implementing the template: for each assistant turn ``j`` the template
-renders ``messages[:j]`` with the generation prompt (``P``) and ``messages[:j+1]`` (``S``); the characters
-``[len(P), len(S))`` of the full rendering are the turn, and every token whose offset (fast tokenizer offset
-mapping) starts inside it is learned.
-
-Every error in a record raises one ``ValueError`` naming the record's id.
+The record format, its validation and the label rules live in `llava_format`; this module loads images (files,
+or an in-memory bank), optionally replaces them by precomputed tower features, and pads rows into batches.
 """
 
-from __future__ import annotations
-
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-from ..processing.chat_templates import PLAIN_TEMPLATE, VICUNA_V1_TEMPLATE
+from ..processing.processing_vlora import NO_MAX_LENGTH
+from .llava_format import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN,
+    MODES,
+    encode_messages,
+    image_token_id_of,
+    load_records,
+    record_id,
+    to_messages,
+)
 
-IGNORE_INDEX = -100
 _ENCODE_CACHE_SIZE = 100_000  # distinct conversations kept tokenised (a real dataset's are mostly distinct)
-IMAGE_TOKEN = "<image>"
-MODES = {"vicuna_v1": VICUNA_V1_TEMPLATE, "plain": PLAIN_TEMPLATE}
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-# ------------------------------------------------------------------------------------------------------------
-# records
-
-
-def load_records(data) -> list[dict]:
-    """A json file (list of records), a ``.jsonl`` file (one record per line) or an in-memory list."""
-    if isinstance(data, (str, os.PathLike)):
-        path = Path(data)
-        if not path.is_file():
-            raise ValueError(f"LLaVA data file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
-        try:
-            if path.suffix == ".jsonl":
-                records = [json.loads(line) for line in text.splitlines() if line.strip()]
-            else:
-                records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"LLaVA data file {path} is not valid json: {e}") from None
-    else:
-        records = data
-    if not isinstance(records, list):
-        raise ValueError(f"LLaVA data must be a list of records, got {type(records).__name__}")
-    return records
-
-
-def record_id(record, index: int) -> str:
-    rid = record.get("id") if isinstance(record, Mapping) else None
-    return f"{rid!r} (index {index})" if rid is not None else f"at index {index} (no id)"
-
-
-def to_messages(record, index: int, mode: str = "vicuna_v1") -> tuple[list[dict], str | None]:
-    """Validate one record -> (chat messages for the template, image file or None). ValueError names the id."""
-    if mode not in MODES:
-        raise ValueError(f"unknown data mode {mode!r}; expected one of {sorted(MODES)}")
-    rid = None
-
-    def bad(problem: str) -> ValueError:
-        return ValueError(f"LLaVA record {rid}: {problem}")
-
-    rid = record_id(record, index)
-    if not isinstance(record, Mapping):
-        raise bad(f"a record must be a json object, got {type(record).__name__}")
-    image = record.get("image")
-    if image is not None and (not isinstance(image, str) or not image):
-        raise bad(f"'image' must be one relative file path (a non-empty string), got {image!r}")
-    turns = record.get("conversations")
-    if not isinstance(turns, list) or not turns:
-        raise bad("'conversations' must be a non-empty list of {'from', 'value'} turns")
-    messages = []
-    for t, turn in enumerate(turns):
-        if not isinstance(turn, Mapping) or "from" not in turn or "value" not in turn:
-            raise bad(f"turn {t} must be an object with 'from' and 'value'")
-        role = _ROLES.get(turn["from"])
-        if role is None:
-            raise bad(f"turn {t} has unknown speaker {turn['from']!r} (expected human or gpt)")
-        if not isinstance(turn["value"], str):
-            raise bad(f"turn {t} 'value' must be a string, got {type(turn['value']).__name__}")
-        if role == "system" and t != 0:
-            raise bad(f"turn {t}: a system turn may only come first")
-        messages.append({"role": role, "content": turn["value"]})
-    body = messages[1:] if messages[0]["role"] == "system" else messages
-    for t, m in enumerate(body):
-        expected = "user" if t % 2 == 0 else "assistant"
-        if m["role"] != expected:
-            raise bad(f"turns must alternate human, gpt, human, ...; turn {t + len(messages) - len(body)} is "
-                      f"{m['role']!r} where {expected!r} was expected")
-    if not body or body[-1]["role"] != "assistant":
-        raise bad("the conversation must end with a gpt turn (there is nothing to learn otherwise)")
-    n_placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
-    if image is None and n_placeholders:
-        raise bad(f"text-only record (no 'image') contains {n_placeholders} {IMAGE_TOKEN} placeholder(s)")
-    if image is not None:
-        if n_placeholders != 1:
-            raise bad(f"an image record needs exactly one {IMAGE_TOKEN} placeholder, found {n_placeholders}")
-        if any(m["role"] != "user" and IMAGE_TOKEN in m["content"] for m in messages):
-            raise bad(f"the {IMAGE_TOKEN} placeholder must be in a human turn")
-        for m in messages:  # the release's preprocess_multimodal: move the placeholder to the front
-            if IMAGE_TOKEN in m["content"]:
-                m["content"] = IMAGE_TOKEN + "\n" + m["content"].replace(IMAGE_TOKEN, "").strip()
-    if mode == "plain":
-        if image is None:
-            raise bad("plain (caption pre-training) records need an image")
-        if len(messages) != 2:
-            raise bad(f"plain mode needs exactly one human and one gpt turn, got {len(messages)} turns")
-        if IMAGE_TOKEN not in messages[0]["content"]:
-            raise bad(f"plain mode needs the {IMAGE_TOKEN} placeholder in the human turn")
-        messages[0]["content"] = IMAGE_TOKEN  # the release drops the question: "<image>" + caption
-    return messages, image
-
-
-# ------------------------------------------------------------------------------------------------------------
-# tokenisation
-
-
-def image_token_id_of(tokenizer) -> int:
-    """The tokenizer's single-token id for ``<image>``; ValueError when it has none."""
-    tid = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    ids = tokenizer(IMAGE_TOKEN, add_special_tokens=False)["input_ids"]
-    if tid is None or tid == tokenizer.unk_token_id or ids != [tid]:
-        raise ValueError(
-            f"the tokenizer has no single {IMAGE_TOKEN} token (got {ids}); add it first: "
-            f"tokenizer.add_special_tokens({{'additional_special_tokens': ['{IMAGE_TOKEN}']}})"
-        )
-    return tid
-
-
-def _render(tokenizer, messages, template: str, add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
-
-
-def encode_messages(tokenizer, messages: list[dict], mode: str = "vicuna_v1",
-                    chat_template: str | None = None) -> tuple[list[int], list[int], str]:
-    """Render + tokenise a validated conversation -> (input_ids, labels, text). Labels: assistant turns only."""
-    template = chat_template or MODES[mode]
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("LLaVA data needs a fast tokenizer (PreTrainedTokenizerFast) for offset mapping")
-    text = _render(tokenizer, messages, template, False)
-    spans = []
-    for j, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        prefix = _render(tokenizer, messages[:j], template, True) if j else ""
-        upto = _render(tokenizer, messages[: j + 1], template, False)
-        if not (upto.startswith(prefix) and text.startswith(upto)):
-            raise ValueError("the chat template does not render conversations prefix by prefix; cannot locate "
-                             "the assistant turns")
-        spans.append((len(prefix), len(upto)))
-    bos = getattr(tokenizer, "bos_token", None)  # a template that writes bos itself (Llama-3) gets it once
-    enc = tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)), return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    labels = [IGNORE_INDEX] * len(ids)
-    for k, (start, end) in enumerate(enc["offset_mapping"]):
-        if end > start and any(s <= start < e for s, e in spans):
-            labels[k] = ids[k]
-    return ids, labels, text
-
+def chat_template_of(processor) -> str | None:
+    """The processor's chat template (its default one when it holds several)."""
+    template = processor.chat_template
+    return template.get("default") if isinstance(template, dict) else template
 
 # ------------------------------------------------------------------------------------------------------------
 # images
@@ -232,7 +82,7 @@ class LLaVADataset(torch.utils.data.Dataset):
 
     Args:
         data: json / jsonl path or a list of records.
-        tokenizer: a fast tokenizer with a single ``<image>`` token (e.g. ``vlora_hf.tokenization.build_tokenizer``).
+        tokenizer: a fast tokenizer with a single ``<image>`` token (e.g. ``vlora_hf.training.bpe_tokenizer.build_tokenizer``).
         image_folder: image paths are relative to it (default: the json's folder, else the working directory).
         image_processor: any callable: a transformers image processor (called ``(image, return_tensors="pt")``,
             ``["pixel_values"][0]`` used) or a function ``image -> tensor [3, H, W]``.
@@ -264,7 +114,7 @@ class LLaVADataset(torch.utils.data.Dataset):
         self.image_folder = Path(image_folder)
         if model_max_length is None:
             limit = getattr(tokenizer, "model_max_length", None)
-            model_max_length = limit if isinstance(limit, int) and limit < 10**8 else None
+            model_max_length = limit if isinstance(limit, int) and limit < NO_MAX_LENGTH else None
         self.model_max_length = model_max_length
         self.tokenizer_image_id = image_token_id_of(tokenizer)
         self.image_token_id = self.tokenizer_image_id if image_token_id is None else int(image_token_id)
@@ -288,11 +138,6 @@ class LLaVADataset(torch.utils.data.Dataset):
 
     def has_image(self, i: int) -> bool:
         return self.samples[i][1] is not None
-
-    @property
-    def lengths(self) -> list[int]:
-        """Rough lengths (words + 128 per image), as the release's length-grouped sampler uses them."""
-        return [sum(len(m["content"].split()) for m in msgs) + (128 if img else 0) for msgs, img in self.samples]
 
     @property
     def modality_lengths(self) -> list[int]:
@@ -451,5 +296,5 @@ class LLaVACollator:
 
 __all__ = [
     "IGNORE_INDEX", "IMAGE_TOKEN", "MODES", "load_records", "to_messages", "encode_messages", "image_token_id_of",
-    "vision_feature_encoder", "LLaVADataset", "LLaVACollator",
+    "chat_template_of", "vision_feature_encoder", "LLaVADataset", "LLaVACollator",
 ]

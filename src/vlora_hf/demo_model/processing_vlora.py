@@ -47,7 +47,9 @@ _IGNORED_KWARGS = {
     "do_sample_frames",
     "sampling_rate",
 }
-_HUGE = int(1e9)
+# A tokenizer without a real length limit reports a huge model_max_length (transformers: 1e30); below this
+# cut-off the value is a limit.
+NO_MAX_LENGTH = int(1e9)
 
 
 def _is_image_like(obj) -> bool:
@@ -118,7 +120,7 @@ class VLoRAProcessor(ProcessorMixin):
     @property
     def model_max_length(self) -> int | None:
         n = getattr(self.tokenizer, "model_max_length", None)
-        return int(n) if n is not None and n < _HUGE else None
+        return int(n) if n is not None and n < NO_MAX_LENGTH else None
 
     def _split_kwargs(self, kwargs: dict) -> tuple[dict, dict, Any]:
         text_kwargs = dict(kwargs.pop("text_kwargs", None) or {})

@@ -1,19 +1,24 @@
-"""Training VLoRA models: `vlora-hf train` (transformers.Trainer + accelerate), recipes, evaluation.
+"""Training VLoRA models: `vlora-hf train` (transformers' Trainer + accelerate), its arguments, evaluation.
 
-    from vlora_hf.training import resolve_recipe, run
-    run(resolve_recipe("recipes/demo.yaml"))
+    from vlora_hf.training import parse_args, run
+    model_args, data_args, heldout_args, training_args, *_ = parse_args(["--recipe", "recipes/demo.yaml"])
+    run(model_args, data_args, heldout_args, training_args)
 """
 
-from .recipe import DEFAULTS, STAGES, resolve_recipe
+from .stages import STAGES
 
-__all__ = ["DEFAULTS", "STAGES", "resolve_recipe", "run", "main", "exact_match"]
+__all__ = ["STAGES", "exact_match", "main", "parse_args", "run"]
 
 
-def __getattr__(name):  # keep `import vlora_hf.training` light: Trainer is imported on use
+def __getattr__(name):  # keep `import vlora_hf.training` light: the Trainer is imported on use
     if name in ("run", "main"):
         from . import train
 
         return getattr(train, name)
+    if name == "parse_args":
+        from .arguments import parse_args
+
+        return parse_args
     if name == "exact_match":
         from .evaluate import exact_match
 

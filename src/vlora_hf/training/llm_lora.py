@@ -1,6 +1,6 @@
 """Fine-tune the language model with LoRA (PEFT) instead of fully, as LLaVA users do on one GPU.
 
-Recipe: `training.llm_lora: {r, alpha, target_modules, dropout}`. PEFT wraps the backbone's projections and
+Recipe: `llm_lora: {r, alpha, target_modules, dropout}`. PEFT wraps the backbone's projections and
 keeps each as `.base_layer`, which is where the per-image delta hooks sit: both the image's deltas and the
 LoRA update apply. Only the language model's layers are targeted (the vision tower has `q_proj` / `v_proj`
 too). Before export the LoRA update is merged into the weights, so the checkpoint is a plain VLoRA model.
@@ -14,12 +14,12 @@ KEYS = {"r", "alpha", "target_modules", "dropout"}
 
 
 def check_llm_lora(spec: dict, stage: str) -> None:
-    """One clear error for a malformed `training.llm_lora`."""
+    """One clear error for a malformed `llm_lora`."""
     if not isinstance(spec, dict) or set(spec) - KEYS or not spec.get("target_modules"):
-        raise ValueError(f"training.llm_lora takes {sorted(KEYS)} (target_modules required, e.g. [q_proj, v_proj]); "
+        raise ValueError(f"llm_lora takes {sorted(KEYS)} (target_modules required, e.g. [q_proj, v_proj]); "
                          f"got {spec!r}")
     if stage != "finetune":
-        raise ValueError(f"training.llm_lora trains the language model, which stage {stage!r} keeps as it is: use "
+        raise ValueError(f"llm_lora trains the language model, which stage {stage!r} keeps as it is: use "
                          "stage finetune")
 
 
@@ -39,7 +39,7 @@ def apply_llm_lora(model, target_modules, r: int = 8, alpha: float | None = None
     model.lm_head.requires_grad_(False)
     lora = [p for n, p in model.model.language_model.named_parameters() if ".lora_" in n]
     if not lora:
-        raise ValueError(f"training.llm_lora: no module of the language model matches target_modules={target_modules}")
+        raise ValueError(f"llm_lora: no module of the language model matches target_modules={target_modules}")
     for p in lora:
         p.requires_grad_(True)
     return sum(p.numel() for p in lora)

@@ -15,7 +15,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..generate import DTYPES
+    from ..dtypes import DTYPES
 
     p = argparse.ArgumentParser(prog="vlora-hf web", description=__doc__.split("\n\n")[0])
     p.add_argument("model", nargs="?", default=None,

@@ -1,6 +1,6 @@
 """The example images shipped in `vlora_hf/examples/` (drawn with the shapes-vqa code) and their answers.
 
-`python -m vlora_hf.training.examples` redraws them. Drawing is deterministic, so tests can check the demo
+`python -m vlora_hf.data.example_images` redraws them. Drawing is deterministic, so tests can check the demo
 model's answers against `EXAMPLES` without storing anything else.
 """
 
@@ -10,6 +10,8 @@ import os
 import random
 import sys
 from pathlib import Path
+
+from . import shapes
 
 # file name -> (drawing: ("count", n, colour, kind) | ("single", colour, kind), rng seed, {question: answer})
 EXAMPLES = {
@@ -28,9 +30,7 @@ def examples_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "examples"
 
 
-def draw_example(name: str):
-    from ..data import shapes
-
+def draw_example(name: str) -> shapes.ShapesSample:
     spec, seed, _ = EXAMPLES[name]
     rng = random.Random(seed)
     if spec[0] == "count":
