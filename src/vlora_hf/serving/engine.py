@@ -43,6 +43,23 @@ def resolve_model(model) -> Path:
     return path
 
 
+def dtype_name(config) -> str:
+    """The checkpoint's weights dtype ('float32', 'bfloat16', ...)."""
+    return str(config.dtype or "float32").removeprefix("torch.")
+
+
+def engine_defaults(model_dir, config, max_images_in_flight: int) -> dict:
+    """vLLM engine options that serve `model_dir` (its backbone exported once into a cache folder)."""
+    return dict(
+        model=str(cached_export(model_dir)),
+        enable_lora=True,
+        max_lora_rank=lora_rank_slot(config.lora_rank),
+        max_loras=max_images_in_flight + 1,  # + the null adapter
+        tokenizer_mode=TOKENIZER_MODE,
+        dtype=dtype_name(config),
+    )
+
+
 @dataclass
 class Prompt:
     """One request, tokenized: the prompt without its placeholder, and its image (None: text only)."""
@@ -67,7 +84,7 @@ class ServingCore:
         self.image_token_id = int(self.config.image_token_id)
         self.max_images_in_flight = max_images_in_flight
         device = image_device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.float32 if device == "cpu" else getattr(torch, self.dtype_name)
+        dtype = torch.float32 if device == "cpu" else getattr(torch, dtype_name(self.config))
         self.factory = AdapterFactory(self.model_dir, device=device, dtype=dtype, batch_size=image_batch_size)
         null = self.factory.null_tensors()
         self.store = AdapterStore(adapter_cache_bytes or 1 << 40, on_evict=self._forget)
@@ -89,20 +106,11 @@ class ServingCore:
 
     @property
     def dtype_name(self) -> str:
-        """The checkpoint's weights dtype ('float32', 'bfloat16', ...)."""
-        return str(self.config.dtype or "float32").removeprefix("torch.")
+        return dtype_name(self.config)
 
     def engine_kwargs(self, **user) -> dict:
         """vLLM engine options for this checkpoint; the caller's options win."""
-        defaults = dict(
-            model=str(cached_export(self.model_dir)),
-            enable_lora=True,
-            max_lora_rank=lora_rank_slot(self.config.lora_rank),
-            max_loras=self.max_images_in_flight + 1,  # + the null adapter
-            tokenizer_mode=TOKENIZER_MODE,
-            dtype=self.dtype_name,
-        )
-        return {**defaults, **user}
+        return {**engine_defaults(self.model_dir, self.config, self.max_images_in_flight), **user}
 
     # ----- prompts ----------------------------------------------------------------------------------------
     def tokenize(self, image, prompt) -> Prompt:

@@ -113,6 +113,12 @@ class AdapterStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
+    def discard(self, adapter: Adapter) -> None:
+        """Remove `adapter` now unless a request still uses it."""
+        with self._lock:
+            if adapter.pins == 0 and self._entries.get(adapter.key) is adapter:
+                self._evict(adapter)
+
     def _make_room(self, nbytes: int) -> None:
         """Evict least recently used unpinned adapters until `nbytes` more fit under the cap and the free-space
         floor; StoreFull when they cannot (lock held)."""
