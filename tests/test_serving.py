@@ -25,23 +25,28 @@ MAX_TOKENS = 16
 IN_FLIGHT = 4
 
 
-@pytest.fixture(scope="module")
-def reference():
+def reference_generate():
+    """-> tokens(image or None, question): `VLoRAForCausalLM.generate`'s greedy new tokens for one request (one
+    row, no padding), the demo model in fp32."""
     model = VLoRAForCausalLM.from_pretrained(demo_model_path(), dtype=torch.float32).eval()
     processor = VLoRAProcessor.from_pretrained(demo_model_path())
     tok = processor.tokenizer
 
-    def tokens(image, question):
-        """`generate`'s greedy new tokens for one request (one row: no padding)."""
+    def tokens(image, question, max_new_tokens=MAX_TOKENS):
         messages = user_message(question) if image is not None else [{"role": "user", "content": question}]
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         enc = processor(images=None if image is None else [image], text=[text], return_tensors="pt")
         with torch.inference_mode():
-            out = model.generate(**enc, max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=tok.pad_token_id,
-                                 eos_token_id=tok.eos_token_id)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         return out[0, enc["input_ids"].shape[1]:].tolist()
 
     return tokens
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return reference_generate()
 
 
 @pytest.fixture(scope="module")

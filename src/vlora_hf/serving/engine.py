@@ -72,7 +72,7 @@ class ServingCore:
     """What the offline engine and the HTTP server share: the checkpoint's image side, tokenizer and adapters."""
 
     def __init__(self, model=None, max_images_in_flight: int = 16, adapter_cache_bytes: int | None = None,
-                 image_device: str | None = None, image_batch_size: int = 16):
+                 image_device: str | None = None, image_batch_size: int = 16, adapter_dir=None):
         from .. import VLoRAConfig
         from ..processing import VLoRAProcessor
 
@@ -87,7 +87,7 @@ class ServingCore:
         dtype = torch.float32 if device == "cpu" else getattr(torch, dtype_name(self.config))
         self.factory = AdapterFactory(self.model_dir, device=device, dtype=dtype, batch_size=image_batch_size)
         null = self.factory.null_tensors()
-        self.store = AdapterStore(adapter_cache_bytes or 1 << 40, on_evict=self._forget)
+        self.store = AdapterStore(adapter_cache_bytes or 1 << 40, root=adapter_dir, on_evict=self._forget)
         self.null_adapter = self.store.put(NULL_KEY, lambda d: write_adapter(d, null, self.factory.adapter_config),
                                            0)  # pinned for good
         self.adapter_bytes = self.null_adapter.nbytes  # every adapter of a checkpoint has the same size
@@ -169,13 +169,13 @@ class VLoRAEngine(ServingCore):
     """Offline batch inference on vLLM. `VLoRAEngine(model, **vllm_kwargs)`; `model` defaults to the demo model.
 
     Options of ours: `max_images_in_flight` (distinct images pinned at once, default 16; vLLM's `max_loras` is
-    one more, for the null adapter), `adapter_cache_bytes`, `image_device`, `image_batch_size`. Every other
+    one more, for the null adapter), `adapter_cache_bytes`, `adapter_dir`, `image_device`, `image_batch_size`. Every other
     keyword goes to `vllm.LLM` (e.g. `tensor_parallel_size`, `dtype`, `max_model_len`, `enforce_eager`).
     """
 
     def __init__(self, model=None, *, max_images_in_flight: int = 16, adapter_cache_bytes: int | None = None,
-                 image_device: str | None = None, image_batch_size: int = 16, **vllm_kwargs):
-        super().__init__(model, max_images_in_flight, adapter_cache_bytes, image_device, image_batch_size)
+                 image_device: str | None = None, image_batch_size: int = 16, adapter_dir=None, **vllm_kwargs):
+        super().__init__(model, max_images_in_flight, adapter_cache_bytes, image_device, image_batch_size, adapter_dir)
         from vllm import LLM
 
         self.llm = LLM(**self.engine_kwargs(**vllm_kwargs))

@@ -149,7 +149,7 @@ class ImageAdapterMiddleware:
     def __init__(self, app):
         self.app = app
         self.core = ServerCore(SETTINGS.get("model"), SETTINGS.get("max_images_in_flight", 16),
-                               SETTINGS.get("adapter_cache_bytes"))
+                               SETTINGS.get("adapter_cache_bytes"), adapter_dir=SETTINGS.get("adapter_dir"))
         atexit.register(self.core.close)
         self.policy = SETTINGS.get("policy") or ImagePolicy()
         self.slots = asyncio.Semaphore(self.core.max_images_in_flight)
@@ -321,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distinct images served at once (more wait); vLLM's --max-loras defaults to this + 1")
     p.add_argument("--adapter-cache-mb", type=float, default=None,
                    help="RAM for stored adapters (default: 4x what the images in flight need, at least 64)")
+    p.add_argument("--adapter-dir", default=None,
+                   help="folder the adapter store lives in (default: /dev/shm, a RAM-backed folder, where present)")
     p.add_argument("--max-image-mb", type=float, default=20.0, help="largest image accepted (encoded size)")
     p.add_argument("--allow-url-fetch", action="store_true",
                    help="fetch http(s) image URLs (default: only base64 data URLs are accepted)")
@@ -368,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlora-hf serve: error: {err}", file=sys.stderr)
         return 1
     SETTINGS.update(
-        model=model_dir, max_images_in_flight=args.max_images_in_flight,
+        model=model_dir, max_images_in_flight=args.max_images_in_flight, adapter_dir=args.adapter_dir,
         adapter_cache_bytes=None if args.adapter_cache_mb is None else int(args.adapter_cache_mb * (1 << 20)),
         policy=ImagePolicy(max_bytes=int(args.max_image_mb * (1 << 20)), allow_url_fetch=args.allow_url_fetch,
                            fetch_timeout_s=args.fetch_timeout),
