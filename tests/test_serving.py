@@ -51,7 +51,8 @@ def reference():
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: one import, less RAM
+    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: one import, less RAM
     from vlora_hf.serving import VLoRAEngine
 
     factory = AdapterFactory(demo_model_path())
@@ -63,6 +64,10 @@ def engine(tmp_path_factory):
                       max_loras=IN_FLIGHT, enforce_eager=True, kv_cache_memory_bytes=64 << 20, max_num_seqs=32)
     yield eng
     eng.close()
+    if saved is None:
+        os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+    else:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
 
 
 def _heldout(n):
