@@ -66,10 +66,10 @@ class AdapterFactory:
     """Images -> adapter tensors, batched through the tower and the generator on one device."""
 
     def __init__(self, model_dir, device="cpu", dtype=torch.float32, batch_size: int = 16):
-        from ..processing import VLoRAProcessor
+        from ..processing import VLoRAImageProcessor
 
         self.side = ImageSide.from_pretrained(model_dir, device=device, dtype=dtype)
-        self.image_processor = VLoRAProcessor.from_pretrained(model_dir).image_processor
+        self.image_processor = VLoRAImageProcessor.from_pretrained(model_dir)
         self.config = self.side.config
         self.batch_size = batch_size
         gen = self.side.generator
@@ -93,12 +93,16 @@ class AdapterFactory:
     @torch.inference_mode()
     def perceptual_weights(self, images) -> torch.Tensor:
         """PIL images -> flat perceptual weights [n, D] on the CPU, in batches of `batch_size`."""
-        param = next(self.side.parameters())
         out = []
         for start in range(0, len(images), self.batch_size):
             pixels = self.image_processor(images[start:start + self.batch_size], return_tensors="pt")["pixel_values"]
-            out.append(self.side.get_image_features(pixel_values=pixels.to(param.device, param.dtype)).cpu())
+            out.append(self.perceptual_weights_from_pixels(pixels))
         return torch.cat(out) if out else torch.empty(0)
+
+    @torch.inference_mode()
+    def perceptual_weights_from_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        param = next(self.side.parameters())
+        return self.side.get_image_features(pixel_values=pixel_values.to(param.device, param.dtype)).cpu()
 
     def tensors(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """One image's flat perceptual weights [D] -> the adapter's tensors (PEFT names)."""

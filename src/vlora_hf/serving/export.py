@@ -73,17 +73,20 @@ def export_for_vllm(model_dir, output, force: bool = False) -> Path:
     model_dir = Path(model_dir)
     config = VLoRAConfig.from_pretrained(model_dir)
     text = serving_config(config)
-    processor = VLoRAProcessor.from_pretrained(model_dir)
+    try:
+        processor = VLoRAProcessor.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError):  # no tokenizer: vLLM can still run token ids (skip_tokenizer_init)
+        processor = None
     state = backbone_state(model_dir)
     if text["tie_word_embeddings"]:
         state.pop("lm_head.weight", None)
     with atomic_folder(output, force=force) as tmp:
         (tmp / "config.json").write_text(json.dumps(text, indent=2, sort_keys=True) + "\n")
         write_safetensors_shards(state, tmp)
-        tokenizer = processor.tokenizer
-        template = processor.chat_template
-        tokenizer.chat_template = template if isinstance(template, str) else template["default"]
-        tokenizer.save_pretrained(tmp)
+        if processor is not None:
+            tokenizer, template = processor.tokenizer, processor.chat_template
+            tokenizer.chat_template = template if isinstance(template, str) else template["default"]
+            tokenizer.save_pretrained(tmp)
         if (model_dir / "generation_config.json").is_file():
             (tmp / "generation_config.json").write_bytes((model_dir / "generation_config.json").read_bytes())
         manifest = {"source": str(model_dir.resolve()), "fingerprint": source_fingerprint(model_dir),
