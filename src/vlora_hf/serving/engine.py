@@ -21,6 +21,7 @@ from .export import cached_export
 from .plugin import TOKENIZER_MODE
 from .store import NULL_KEY, Adapter, AdapterStore
 
+CPU_KV_CACHE_BYTES = 1 << 30
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
 
 
@@ -50,7 +51,7 @@ def dtype_name(config) -> str:
 
 def engine_defaults(model_dir, config, max_images_in_flight: int) -> dict:
     """vLLM engine options that serve `model_dir` (its backbone exported once into a cache folder)."""
-    return dict(
+    options = dict(
         model=str(cached_export(model_dir)),
         enable_lora=True,
         max_lora_rank=lora_rank_slot(config.lora_rank),
@@ -58,6 +59,9 @@ def engine_defaults(model_dir, config, max_images_in_flight: int) -> dict:
         tokenizer_mode=TOKENIZER_MODE,
         dtype=dtype_name(config),
     )
+    if not torch.cuda.is_available():  # vLLM's CPU backend otherwise reserves 92 % of the machine's RAM
+        options["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+    return options
 
 
 @dataclass

@@ -1,0 +1,219 @@
+"""Serving benchmark: VLoRA on vLLM vs LLaVA on vLLM vs our transformers `generate`, one run, same weights.
+
+  python -m vlora_hf.serving.bench [--quick] [--concurrency 1 16 64] [--json out/serving_bench.json]
+
+Random-weight models with `vlora-hf bench`'s geometry (its `--quick` widths with --quick): a 32-layer Llama backbone,
+a 24-layer CLIP-style tower on 336-px images (576 patches), the same tower, backbone and LM head in every system.
+Each level sends N requests at once, each with its own random image and 64 random prompt tokens, and generates 16
+tokens per request (EOS ignored). Figures: requests/s, generated tokens/s, and the time until every request of
+the level has its first token (for N = 1: the time to first token). VLoRA's time includes the tower, the
+generator and writing the adapters; LLaVA's includes vLLM's own image processing of its 576-token images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT_TOKENS = 64
+NEW_TOKENS = 16
+
+
+def build_folders(root: Path, quick: bool, seed: int = 0):
+    """Save the benchmark's LLaVA (with a word-level tokenizer and processor vLLM can run) and VLoRA models."""
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from ..bench.systems import LLAVA_IMAGE_TOKEN, VOCAB, BenchSizes, build_llava, build_vlora
+    from ..processing import VLoRAImageProcessor
+
+    sizes = BenchSizes(llm_hidden=128, tower_hidden=32) if quick else BenchSizes()
+    llava = build_llava(sizes, seed=seed)
+    vlora = build_vlora(sizes, llava, seed=seed + 1)
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    vocab.update({"<unk>": 0, "<s>": 1, "</s>": 2, "<image>": LLAVA_IMAGE_TOKEN})
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                        extra_special_tokens={"image_token": "<image>"})
+    n = sizes.image_size
+    pixels = dict(size={"shortest_edge": n}, crop_size={"height": n, "width": n})
+    llava.save_pretrained(root / "llava")
+    LlavaProcessor(CLIPImageProcessor(**pixels), tokenizer, patch_size=sizes.patch_size,
+                   vision_feature_select_strategy="default", image_token="<image>").save_pretrained(root / "llava")
+    vlora.save_pretrained(root / "vlora")
+    VLoRAImageProcessor(**pixels).save_pretrained(root / "vlora")
+    return sizes, vlora
+
+
+def random_requests(n: int, sizes, gen: torch.Generator):
+    ids = torch.randint(3, 32000, (n, PROMPT_TOKENS), generator=gen)
+    ids[:, 0] = 1
+    pixels = torch.randn(n, 3, sizes.image_size, sizes.image_size, generator=gen)
+    return ids, pixels
+
+
+def to_pil(pixels: torch.Tensor):
+    from PIL import Image
+
+    arr = (pixels.permute(1, 2, 0).clamp(-2, 2) * 60 + 128).to(torch.uint8).numpy()
+    return Image.fromarray(arr)
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+class VLoRAvLLM:
+    name = "vlora_vllm"
+
+    def __init__(self, folder: Path, config, max_loras: int, store_root: Path, **engine):
+        from vllm import LLM
+
+        from .adapters import AdapterFactory
+        from .engine import engine_defaults
+
+        self.factory = AdapterFactory(folder)
+        self.store_root = store_root
+        self.count = 0
+        self.llm = LLM(**{**engine_defaults(folder, config, max_loras), "skip_tokenizer_init": True, **engine})
+
+    def run(self, ids, pixels, new_tokens):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.lora.request import LoRARequest
+
+        from .adapters import write_adapter
+
+        weights = self.factory.perceptual_weights_from_pixels(pixels)  # one batch through tower + generator
+        loras = []
+        for w in weights:
+            self.count += 1
+            folder = self.store_root / str(self.count)
+            folder.mkdir()
+            write_adapter(folder, self.factory.tensors(w), self.factory.adapter_config)
+            loras.append(LoRARequest(f"image{self.count}", self.count, str(folder)))
+        self.llm.generate([TokensPrompt(prompt_token_ids=row.tolist()) for row in ids],
+                          SamplingParams(max_tokens=new_tokens, ignore_eos=True, temperature=0, detokenize=False),
+                          lora_request=loras, use_tqdm=False)
+
+
+class LlavaVLLM:
+    name = "llava_vllm"
+
+    def __init__(self, folder: Path, **engine):
+        from vllm import LLM
+
+        self.llm = LLM(model=str(folder), dtype="float32", limit_mm_per_prompt={"image": 1}, **engine)
+
+    def run(self, ids, pixels, new_tokens):
+        from vllm import SamplingParams
+
+        from ..bench.systems import LLAVA_IMAGE_TOKEN
+
+        prompts = [{"prompt_token_ids": [1, LLAVA_IMAGE_TOKEN, *row[1:].tolist()],
+                    "multi_modal_data": {"image": to_pil(px)}} for row, px in zip(ids, pixels)]
+        self.llm.generate(prompts, SamplingParams(max_tokens=new_tokens, ignore_eos=True, temperature=0,
+                                                  detokenize=False), use_tqdm=False)
+
+
+class VLoRATransformers:
+    name = "vlora_transformers"
+
+    def __init__(self, model):
+        self.model = model
+
+    @torch.inference_mode()
+    def run(self, ids, pixels, new_tokens):
+        placeholder = torch.full((ids.shape[0], 1), self.model.config.image_token_id)
+        ids = torch.cat([ids[:, :1], placeholder, ids[:, 1:]], dim=1)
+        self.model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                            do_sample=False, pad_token_id=0)
+
+
+def run_one(name: str, concurrency: list[int], quick: bool, log=print) -> dict:
+    """One system, every level, in this process (vLLM holds one engine per process)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    gen = torch.Generator().manual_seed(0)  # the same requests for every system
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        sizes, vlora = build_folders(root, quick)
+        engine = dict(enforce_eager=True, max_num_seqs=max(concurrency), kv_cache_memory_bytes=4 << 30)
+        if name == "vlora_vllm":
+            (root / "adapters").mkdir()
+            system = VLoRAvLLM(root / "vlora", vlora.config, max(concurrency), root / "adapters", **engine)
+        elif name == "llava_vllm":
+            system = LlavaVLLM(root / "llava", **engine)
+        else:
+            system = VLoRATransformers(vlora)
+        system.run(*random_requests(2, sizes, torch.Generator().manual_seed(1)), 2)  # warm-up
+        for n in concurrency:
+            ids, pixels = random_requests(n, sizes, gen)
+            first = timed(lambda: system.run(ids, pixels, 1))
+            total = timed(lambda: system.run(ids, pixels, NEW_TOKENS))
+            results[n] = {"requests_per_s": round(n / total, 3), "tokens_per_s": round(n * NEW_TOKENS / total, 2),
+                          "first_token_s": round(first, 3), "seconds": round(total, 3)}
+            log(f"{name} N={n}: {results[n]}")
+    return {"results": results, "sizes": sizes.describe()}
+
+
+def run(concurrency: list[int], quick: bool, systems: list[str], log=print) -> dict:
+    """Every system in its own child process, one after the other, on the same weights and requests."""
+    import subprocess
+
+    results, sizes = {}, None
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in systems:
+            out = Path(tmp) / f"{name}.json"
+            cmd = [sys.executable, "-m", __name__, "--only", name, "--json", str(out), "--concurrency",
+                   *map(str, concurrency)] + (["--quick"] if quick else [])
+            log(f"running {name}")
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            one = json.loads(out.read_text())
+            results[name], sizes = {int(k): v for k, v in one["results"].items()}, one["sizes"]
+    ratios = {}
+    for n in concurrency:
+        for other in ("llava_vllm", "vlora_transformers"):
+            if "vlora_vllm" in results and other in results:
+                ratios[f"vlora_vllm_vs_{other}_throughput_N{n}"] = round(
+                    results["vlora_vllm"][n]["requests_per_s"] / results[other][n]["requests_per_s"], 2)
+    return {"results": results, "ratios": ratios, "sizes": sizes, "prompt_tokens": PROMPT_TOKENS,
+            "new_tokens": NEW_TOKENS, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                                  "torch": torch.__version__}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vlora_hf.serving.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="`vlora-hf bench --quick` widths (LLM 128, tower 32)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--systems", nargs="+", default=["vlora_vllm", "llava_vllm", "vlora_transformers"])
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one system, in this process
+    args = p.parse_args(argv)
+    log = lambda m: print(f"[serving-bench] {m}", file=sys.stderr, flush=True)  # noqa: E731
+    if args.only:
+        result = run_one(args.only, args.concurrency, args.quick, log)
+    else:
+        result = run(args.concurrency, args.quick, args.systems, log)
+    result["command"] = "python -m vlora_hf.serving.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
