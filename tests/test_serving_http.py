@@ -7,10 +7,7 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -25,50 +22,30 @@ from PIL import Image  # noqa: E402
 from test_serving import MAX_TOKENS, reference_generate  # noqa: E402
 
 from vlora_hf.data.shapes import heldout_samples  # noqa: E402
+from vlora_hf.serving.measure import start_server  # noqa: E402
 
 MODEL = "vlora-demo"
 MAX_IMAGE_MB = 0.05
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     adapters = tmp_path_factory.mktemp("adapters")
-    port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLORA_SERVING_CACHE": str(tmp_path_factory.mktemp("export"))}
-    log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vlora_hf.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--max-images-in-flight", "4", "--adapter-dir", str(adapters), "--max-image-mb", str(MAX_IMAGE_MB),
-         "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    while True:
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            log.seek(0)
-            pytest.fail(f"the server did not start:\n{log.read()[-4000:]}")
-        time.sleep(2)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server as users run it: vLLM's engine processes
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    args = ["--max-images-in-flight", "4", "--adapter-dir", str(adapters), "--max-image-mb", str(MAX_IMAGE_MB),
+            "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20)]
+    try:
+        proc, base = start_server(args, log, env=env)
+    except RuntimeError:
+        pytest.fail(f"the server did not start:\n{log.read_text()[-4000:]}")
     yield base, adapters
     proc.terminate()
     try:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
-    log.close()
     assert not any(adapters.iterdir()), "the server left its adapter store behind"
 
 

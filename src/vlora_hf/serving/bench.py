@@ -8,7 +8,8 @@ Each level sends N requests at once, each with its own random image and 64 rando
 tokens per request (EOS ignored). Figures: requests/s, generated tokens/s, and the time until every request of
 the level has its first token (for N = 1: the time to first token). VLoRA's time includes the tower, the
 generator and writing the adapters; LLaVA's, its tower and projector and its 576 visual tokens per request through
-vLLM's Llama (as prompt embeddings: see LlavaVLLM). Each system runs in its own process, one after the other.
+vLLM's Llama (as prompt embeddings: see LlavaVLLM). Each system runs in its own process; the timed runs
+interleave across the three, so a busy machine slows them alike; figures are medians of --repeats.
 """
 
 from __future__ import annotations
@@ -134,57 +135,84 @@ class VLoRATransformers:
                             do_sample=False, pad_token_id=0)
 
 
-def run_one(name: str, concurrency: list[int], quick: bool, log=print) -> dict:
-    """One system, every level, in this process (vLLM holds one engine per process)."""
+def make_system(name: str, root: Path, quick: bool, max_seqs: int):
+    sizes, llava, vlora = build_models(root, quick)
+    engine = dict(enforce_eager=True, max_num_seqs=max_seqs, kv_cache_memory_bytes=4 << 30)
+    if name == "vlora_vllm":
+        (root / "adapters").mkdir()
+        return sizes, VLoRAvLLM(root / "vlora", vlora.config, max_seqs, root / "adapters", **engine)
+    if name == "llava_vllm":
+        return sizes, LlavaVLLM(root / "llava_backbone", llava, **engine)
+    return sizes, VLoRATransformers(vlora)
+
+
+def worker(name: str, concurrency: list[int], quick: bool) -> None:
+    """One system in this process (vLLM holds one engine per process), timing what the parent asks for:
+    stdin lines `N TOKENS SEED` -> stdout lines `{"seconds": ...}`."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    gen = torch.Generator().manual_seed(0)  # the same requests for every system
-    results = {}
+    out = sys.stdout
+    sys.stdout = sys.stderr  # vLLM's logs stay off the answer channel
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        sizes, llava, vlora = build_models(root, quick)
-        engine = dict(enforce_eager=True, max_num_seqs=max(concurrency), kv_cache_memory_bytes=4 << 30)
-        if name == "vlora_vllm":
-            (root / "adapters").mkdir()
-            system = VLoRAvLLM(root / "vlora", vlora.config, max(concurrency), root / "adapters", **engine)
-        elif name == "llava_vllm":
-            system = LlavaVLLM(root / "llava_backbone", llava, **engine)
-        else:
-            system = VLoRATransformers(vlora)
-        system.run(*random_requests(2, sizes, torch.Generator().manual_seed(1)), 2)  # warm-up
-        for n in concurrency:
-            system.run(*random_requests(n, sizes, torch.Generator().manual_seed(n)), 2)  # this batch size, once
-            ids, pixels = random_requests(n, sizes, gen)
-            first = timed(lambda: system.run(ids, pixels, 1))
-            total = timed(lambda: system.run(ids, pixels, NEW_TOKENS))
-            results[n] = {"requests_per_s": round(n / total, 3), "tokens_per_s": round(n * NEW_TOKENS / total, 2),
-                          "first_token_s": round(first, 3), "seconds": round(total, 3)}
-            log(f"{name} N={n}: {results[n]}")
-    return {"results": results, "sizes": sizes.describe()}
+        sizes, system = make_system(name, Path(tmp), quick, max(concurrency))
+        for n in concurrency:  # every batch size once, untimed
+            system.run(*random_requests(n, sizes, torch.Generator().manual_seed(10_000 + n)), 2)
+        print(json.dumps({"ready": name, "sizes": sizes.describe()}), file=out, flush=True)
+        for line in sys.stdin:
+            n, tokens, seed = map(int, line.split())
+            ids, pixels = random_requests(n, sizes, torch.Generator().manual_seed(seed))
+            print(json.dumps({"seconds": timed(lambda: system.run(ids, pixels, tokens))}), file=out, flush=True)
 
 
-def run(concurrency: list[int], quick: bool, systems: list[str], log=print) -> dict:
-    """Every system in its own child process, one after the other, on the same weights and requests."""
+def run(concurrency: list[int], quick: bool, systems: list[str], repeats: int, log=print) -> dict:
+    """All systems at once, each in its own idle-waiting process; timed runs interleave (A B C, B C A, ...), so
+    every system sees the same machine load. Medians of `repeats`; the same requests for every system."""
+    import statistics
     import subprocess
 
-    results, sizes = {}, None
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in systems:
-            out = Path(tmp) / f"{name}.json"
-            cmd = [sys.executable, "-m", "vlora_hf.serving.bench", "--only", name, "--json", str(out), "--concurrency",
-                   *map(str, concurrency)] + (["--quick"] if quick else [])
-            log(f"running {name}")
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-            one = json.loads(out.read_text())
-            results[name], sizes = {int(k): v for k, v in one["results"].items()}, one["sizes"]
-    ratios = {}
+    procs = {}
+    for name in systems:
+        cmd = [sys.executable, "-m", "vlora_hf.serving.bench", "--worker", name, "--concurrency",
+               *map(str, concurrency)] + (["--quick"] if quick else [])
+        procs[name] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    sizes = None
+    for name, proc in procs.items():
+        sizes = json.loads(proc.stdout.readline())["sizes"]
+        log(f"{name} ready")
+
+    def ask(name, n, tokens, seed):
+        procs[name].stdin.write(f"{n} {tokens} {seed}\n")
+        procs[name].stdin.flush()
+        return json.loads(procs[name].stdout.readline())["seconds"]
+
+    raw = {name: {n: {"first": [], "total": []} for n in concurrency} for name in systems}
+    try:
+        for n in concurrency:
+            for r in range(repeats):
+                order = systems[r % len(systems):] + systems[: r % len(systems)]
+                for name in order:
+                    raw[name][n]["first"].append(ask(name, n, 1, 100 * n + r))
+                    raw[name][n]["total"].append(ask(name, n, NEW_TOKENS, 100 * n + r))
+                log(f"N={n} repeat {r}: " + ", ".join(f"{k} {raw[k][n]['total'][-1]:.1f} s" for k in systems))
+    finally:
+        for proc in procs.values():
+            proc.stdin.close()
+            proc.wait()
+    results, ratios = {}, {}
+    for name in systems:
+        for n in concurrency:
+            total, first = statistics.median(raw[name][n]["total"]), statistics.median(raw[name][n]["first"])
+            results.setdefault(name, {})[n] = {
+                "requests_per_s": round(n / total, 3), "tokens_per_s": round(n * NEW_TOKENS / total, 2),
+                "first_token_s": round(first, 3), "seconds": raw[name][n]["total"]}
     for n in concurrency:
         for other in ("llava_vllm", "vlora_transformers"):
             if "vlora_vllm" in results and other in results:
                 ratios[f"vlora_vllm_vs_{other}_throughput_N{n}"] = round(
                     results["vlora_vllm"][n]["requests_per_s"] / results[other][n]["requests_per_s"], 2)
     return {"results": results, "ratios": ratios, "sizes": sizes, "prompt_tokens": PROMPT_TOKENS,
-            "new_tokens": NEW_TOKENS, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                                                  "torch": torch.__version__}}
+            "new_tokens": NEW_TOKENS, "repeats": repeats,
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                        "loadavg_at_end": os.getloadavg()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,13 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--systems", nargs="+", default=["vlora_vllm", "llava_vllm", "vlora_transformers"])
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one system, in this process
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one system, driven by the parent
     args = p.parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.concurrency, args.quick)
+        return 0
     log = lambda m: print(f"[serving-bench] {m}", file=sys.stderr, flush=True)  # noqa: E731
-    if args.only:
-        result = run_one(args.only, args.concurrency, args.quick, log)
-    else:
-        result = run(args.concurrency, args.quick, args.systems, log)
+    result = run(args.concurrency, args.quick, args.systems, args.repeats, log)
     result["command"] = "python -m vlora_hf.serving.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     text = json.dumps(result, indent=2)
     print(text)

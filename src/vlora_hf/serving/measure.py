@@ -32,12 +32,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: list[str], log_path: Path, timeout_s: float = 600):
+def start_server(args: list[str], log_path: Path, timeout_s: float = 600, env: dict | None = None):
     """`vlora-hf serve ARGS` on a free local port -> (process, base URL), once /health answers."""
     port = _free_port()
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "vlora_hf.cli", "serve", "--host", "127.0.0.1", "--port",
-                             str(port), *args], stdout=log, stderr=subprocess.STDOUT)
+                             str(port), *args], stdout=log, stderr=subprocess.STDOUT, env=env)
     base, deadline = f"http://127.0.0.1:{port}", time.time() + timeout_s
     while time.time() < deadline and proc.poll() is None:
         try:
