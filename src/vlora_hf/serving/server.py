@@ -208,13 +208,19 @@ class ImageAdapterMiddleware:
                 adapter = await self.batcher.adapter(image)
             except StoreFull as err:
                 return await _send_json(send, 503, error_json(str(err), status=503))
-            try:
-                status = await self._forward(scope, receive, send, request, adapter, model)
-            finally:
+            released = False
+
+            def drop():  # a failed request leaves no adapter behind (unless another request uses it)
+                nonlocal released
+                released = True
                 self.core.store.release(adapter)
-            if status >= 400:  # a failed request leaves no adapter behind (unless another request uses it)
                 self.core.store.discard(adapter)
-        return status
+
+            try:
+                return await self._forward(scope, receive, send, request, adapter, model, on_error=drop)
+            finally:
+                if not released:
+                    self.core.store.release(adapter)
 
     def _check_length(self, request: dict, state) -> None:
         """Refuse a prompt longer than the context before any image work (vLLM checks again, with max_tokens)."""
@@ -229,8 +235,9 @@ class ImageAdapterMiddleware:
             raise BadRequest(f"the prompt is {n} tokens long, but the model's context length is {limit} tokens",
                              "messages")
 
-    async def _forward(self, scope, receive, send, request, adapter: Adapter, model: str) -> int:
-        """Run vLLM's own handler on the request, addressed to `adapter`; answers name `model` again."""
+    async def _forward(self, scope, receive, send, request, adapter: Adapter, model: str, on_error=None) -> int:
+        """Run vLLM's own handler on the request, addressed to `adapter`; answers name `model` again.
+        `on_error()` runs before an error answer reaches the client."""
         self.core.register(adapter)
         request["model"] = adapter.name
         # Our chat templates write no BOS; the processor's tokenizer adds it, so vLLM must too.
@@ -240,7 +247,8 @@ class ImageAdapterMiddleware:
         scope = {**scope, "headers": headers + [(b"content-length", str(len(body)).encode())]}
         old, new = json.dumps(adapter.name).encode(), json.dumps(model).encode()
         status = []
-        await self.app(scope, _replay(body, receive), _rewriting(send, lambda b: b.replace(old, new), status))
+        await self.app(scope, _replay(body, receive),
+                       _rewriting(send, lambda b: b.replace(old, new), status, on_error))
         return status[0] if status else 500
 
 
@@ -266,9 +274,9 @@ def _replay(body: bytes, receive):
     return replay
 
 
-def _rewriting(send, rewrite, status: list | None = None):
+def _rewriting(send, rewrite, status: list | None = None, on_error=None):
     """`send` with each response body passed through `rewrite`: chunk by chunk for event streams, whole (with the
-    Content-Length fixed) otherwise."""
+    Content-Length fixed) otherwise. `status` collects the status; `on_error()` runs before an error body leaves."""
     start, chunks, streaming = {}, [], [False]
 
     async def wrapped(message):
@@ -293,6 +301,8 @@ def _rewriting(send, rewrite, status: list | None = None):
             body = rewrite(body)
         except (ValueError, KeyError):
             pass  # not what we expected to rewrite: pass it on as it is
+        if on_error is not None and start.get("status", 200) >= 400:
+            on_error()
         headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
         await send({**start, "headers": headers + [(b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body, "more_body": False})
