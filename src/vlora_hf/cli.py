@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "make-shapes": ("vlora_hf.data.shapes", "draw the shapes-vqa data set"),
     "bench": ("vlora_hf.bench.run", "benchmark VLoRA against text-only, LLaVA and YOPO"),
     "web": ("vlora_hf.web", "serve the Gradio page (questions about an image, what it changed)"),
+    "serve": ("vlora_hf.serving.server", "serve a checkpoint on vLLM (OpenAI API; each image becomes a LoRA adapter)"),
 }
 
 

