@@ -78,6 +78,7 @@ def _toy_inputs(st, batch=2, T=6):
     return ids, px
 
 
+@pytest.mark.slow
 def test_yopo_disabled_matches_llava(toy_llava):
     st, llava = toy_llava
     n_vis = llava.config.image_seq_length

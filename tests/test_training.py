@@ -208,6 +208,7 @@ def test_stages_freeze_the_right_parts(tmp_path):
 # training runs
 
 
+@pytest.mark.slow
 def test_scratch_epochs_lower_the_loss_and_save_a_loadable_checkpoint(tmp_path):
     """Two epochs (max_steps left at its default) are 2 x 6 steps; the export loads and has learned."""
     args = tiny_args(tmp_path, "--epochs", "2", "--activation_checkpointing", "true")
