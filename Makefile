@@ -1,11 +1,12 @@
 # `make demo`: set up (CPU torch) and let the shipped demo model answer about an example image.
 # `make test`: set up and run the whole test suite; `make test-fast`: the tests not marked slow (under a minute).
+# `make web`: set up and serve the web page (the demo model) on http://127.0.0.1:7860.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast demo-model bench clean
+.PHONY: setup demo test test-fast demo-model bench web clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,11 +25,28 @@ $(VENV)/.deepspeed: $(VENV)/.installed
 	$(PY) -m pip install --no-build-isolation "deepspeed>=0.16"
 	touch $@
 
+# The web page's extra (gradio, matplotlib).
+$(VENV)/.web: $(VENV)/.installed
+	$(PY) -m pip install -e ".[web]"
+	touch $@
+
+# The browser tests: Selenium, and Debian's Chromium with its driver where apt-get can install them (as root);
+# elsewhere tests/test_web.py skips, saying so.
+$(VENV)/.browser: $(VENV)/.web
+	$(PY) -m pip install "selenium>=4.20"
+	if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver) \
+		|| echo "make: chromium could not be installed; tests/test_web.py will skip"; fi
+	touch $@
+
+web: $(VENV)/.web
+	HF_HUB_OFFLINE=1 $(VENV)/bin/vlora-hf web
+
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/vlora-hf generate --image src/vlora_hf/examples/shapes_0.png --prompt "Describe the image."
 	HF_HUB_OFFLINE=1 $(VENV)/bin/vlora-hf generate --image src/vlora_hf/examples/shapes_1.png --prompt "What color is the shape?"
 
-test: setup $(VENV)/.deepspeed
+test: setup $(VENV)/.deepspeed $(VENV)/.browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 test-fast: setup

@@ -265,8 +265,34 @@ def test_bad_configs_raise(overrides, message):
 def test_backbone_without_targets_raises():
     from transformers import GPT2Config
 
-    with pytest.raises(ValueError, match="not supported"):
+    with pytest.raises(ValueError, match="no known module path for target.*give target_module_paths"):
         VLoRAConfig(text_config=GPT2Config(n_layer=4), vision_config=clip_config())
+    with pytest.raises(ValueError, match=r"unknown targets \['x'\]"):
+        vlora_config(target_module_paths={"x": "mlp"})
+
+
+def test_a_new_backbone_is_configured_by_data_alone():
+    """Cohere (parallel attention + MLP) is not in the built-in map; its module paths in the config suffice."""
+    from transformers import AutoConfig
+
+    cohere = AutoConfig.for_model("cohere", vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+                                  eos_token_id=2)
+    with pytest.raises(ValueError, match="'cohere' has no known module path"):
+        vlora_config(text=cohere)
+    paths = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+             "m": "mlp"}
+    model = tiny_model(text=cohere, target_module_paths=paths)
+    layers = model.model.language_model.layers
+    hooked = {(i, name) for i, layer in enumerate(layers) for name, m in layer.named_modules() if m._forward_hooks}
+    assert hooked == {(i, p) for i in model.config.receiving_layers for p in paths.values()}
+    reloaded = VLoRAConfig.from_dict(model.config.to_dict())
+    assert reloaded.module_paths == paths
+    ids = prompt(model, 1)
+    with torch.no_grad():
+        a = model(input_ids=ids, pixel_values=pixels(1, seed=1)).logits
+        b = model(input_ids=ids, pixel_values=pixels(1, seed=2)).logits
+    assert (a - b).abs().max() > 1e-3  # the image reaches the output through the configured modules
 
 
 def test_image_count_mismatches_raise():

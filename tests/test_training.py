@@ -154,7 +154,8 @@ def test_demo_recipe_describes_the_shipped_model():
         ({"scratch_tower": {"warm_start": {"steps": 3, "warmup_steps": 2}}}, "use 'constant_with_warmup'"),
         ({"scratch_tower": {"warm_start": {"steps": 3}}, "dataset": "llava", "data_path": "x.json"},
          "needs stage scratch"),
-        ({"llm_lora": {"r": 8}}, "llm_lora is not implemented"),
+        ({"llm_lora": {"r": 8}}, "target_modules required"),
+        ({"llm_lora": {"r": 8, "target_modules": ["q_proj"]}}, "use stage finetune"),
     ],
 )
 def test_bad_recipes_raise_one_clear_error(tmp_path, capsys, recipe, message):

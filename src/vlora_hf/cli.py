@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "train": ("vlora_hf.training.train", "train a VLoRA model (pretrain / finetune / scratch)"),
     "make-shapes": ("vlora_hf.data.shapes", "draw the shapes-vqa data set"),
     "bench": ("vlora_hf.bench.run", "benchmark VLoRA against text-only, LLaVA and YOPO"),
+    "web": ("vlora_hf.web", "serve the Gradio page (questions about an image, what it changed)"),
 }
 
 

@@ -164,7 +164,8 @@ def encode_messages(tokenizer, messages: list[dict], mode: str = "vicuna_v1",
             raise ValueError("the chat template does not render conversations prefix by prefix; cannot locate "
                              "the assistant turns")
         spans.append((len(prefix), len(upto)))
-    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    bos = getattr(tokenizer, "bos_token", None)  # a template that writes bos itself (Llama-3) gets it once
+    enc = tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)), return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     labels = [IGNORE_INDEX] * len(ids)
     for k, (start, end) in enumerate(enc["offset_mapping"]):

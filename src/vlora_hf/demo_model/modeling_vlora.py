@@ -15,9 +15,11 @@ import torch
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
 
-from .configuration_vlora import VLoRAConfig
+from .configuration_vlora import TOWERS_WITH_CLS, VLoRAConfig
 from .generator_vlora import PerceptualWeightsGenerator, WeightsDecoder
 from .injection_vlora import LowRankDeltas, attach_delta_hooks, checkpoint_context, deltas_applied
 from .validation_vlora import (check_checkpoint_keys, check_generate_inputs, check_images, check_pixel_values,
@@ -38,18 +40,31 @@ AUTO_MAP = {
 CACHE = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
+class _ImageOutputs:
+    """`image_outputs` as transformers' VLMs have it: `pooler_output` holds the perceptual weights (one row per
+    image), `last_hidden_state` the tower features the generator read (when the tower ran in this call)."""
+
+    @property
+    def perceptual_weights(self) -> torch.FloatTensor | None:
+        return None if self.image_outputs is None else self.image_outputs.pooler_output
+
+    def to_tuple(self) -> tuple:
+        # transformers' multimodal outputs flatten the nested encoder output the same way
+        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in super().to_tuple())
+
+
 @dataclass
-class VLoRAModelOutputWithPast(BaseModelOutputWithPast):
-    """Backbone outputs plus the perceptual weights used for this call (one row per image)."""
+class VLoRAModelOutputWithPast(_ImageOutputs, BaseModelOutputWithPast):
+    """Backbone outputs plus `image_outputs` (`.perceptual_weights`: the weights used for this call)."""
 
-    perceptual_weights: torch.FloatTensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
 
 
 @dataclass
-class VLoRACausalLMOutputWithPast(CausalLMOutputWithPast):
-    """LM outputs plus the perceptual weights used for this call (one row per image)."""
+class VLoRACausalLMOutputWithPast(_ImageOutputs, CausalLMOutputWithPast):
+    """LM outputs plus `image_outputs` (`.perceptual_weights`: the weights used for this call)."""
 
-    perceptual_weights: torch.FloatTensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
 
 
 class VLoRAPreTrainedModel(PreTrainedModel):
@@ -78,10 +93,11 @@ class VLoRAPreTrainedModel(PreTrainedModel):
                 init.zeros_(b)
 
     def post_init(self):
-        """transformers' post_init, then `_no_split_modules` cut to the classes this model holds: the tower's
+        """transformers' post_init without the backbone's tensor-parallel plan, then `_no_split_modules` cut to the classes this model holds: the tower's
         list names classes of its whole family (CLIP's names the text embeddings), and FSDP's transformer-based
         wrap (accelerate), which falls back to this list, rejects a class name it cannot find."""
         super().post_init()
+        self._tp_plan = {}  # the backbone's plan would shard projections whose full-width deltas cannot follow
         present = {type(m).__name__ for m in self.modules()}
         self._no_split_modules = {name for name in self._no_split_modules if name in present}
 
@@ -95,7 +111,9 @@ class VLoRAPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
-        """transformers' `from_pretrained`, refusing weights whose generator tensors do not match the config."""
+        """transformers' `from_pretrained`, refusing tensor parallelism and weights whose generator tensors do not
+        match the config."""
+        refuse_tensor_parallel(kwargs)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         check_checkpoint_keys(info["missing_keys"], info["unexpected_keys"])
         return (model, info) if output_loading_info else model
@@ -154,13 +172,20 @@ class VLoRAModel(VLoRAPreTrainedModel):
             features = features[:, 1:]
         return features
 
-    def get_image_features(self, pixel_values=None, image_features=None, **kwargs) -> torch.Tensor:
-        """The perceptual weights [n_images, D] of each image, from pixels or precomputed tower features."""
+    def get_image_features(self, pixel_values=None, image_features=None, return_dict: bool = False, **kwargs):
+        """The perceptual weights [n_images, D] of each image, from pixels or precomputed tower features.
+
+        With `return_dict=True` (as `generate` asks transformers' VLMs): a `BaseModelOutputWithPooling` whose
+        `pooler_output` is those weights and `last_hidden_state` the tower features they were made from.
+        """
         if (pixel_values is None) == (image_features is None):
             raise ValueError("get_image_features needs exactly one of pixel_values or image_features")
         if image_features is None:
             image_features = self.get_vision_features(pixel_values)
-        return self.generator(image_features)
+        weights = self.generator(image_features)
+        if return_dict:
+            return BaseModelOutputWithPooling(last_hidden_state=image_features, pooler_output=weights)
+        return weights
 
     def row_weights(self, input_ids: torch.Tensor, perceptual_weights: torch.Tensor) -> torch.Tensor:
         """Per-image weights -> per-row weights [batch, D]: row i gets the image of its placeholder, else zeros."""
@@ -182,21 +207,29 @@ class VLoRAModel(VLoRAPreTrainedModel):
         return rows
 
     def resolve_images(self, input_ids, pixel_values=None, image_features=None, perceptual_weights=None,
-                       row_perceptual_weights=None):
-        """Whichever image input was given -> (per-row weights [batch, D] or None, per-image weights or None).
+                       row_perceptual_weights=None, mm_encoder_outputs=None):
+        """Whichever image input was given -> (per-row weights [batch, D] or None, `image_outputs` or None).
 
         The one place that checks images against placeholders, for `forward` and `generate` alike.
         """
-        given = [x for x in (pixel_values, image_features, perceptual_weights) if x is not None]
+        image_outputs = (mm_encoder_outputs or {}).get("image")
+        given = [x for x in (pixel_values, image_features, perceptual_weights, image_outputs) if x is not None]
         if len(given) > 1:
-            raise ValueError("pass only one of pixel_values, image_features or perceptual_weights")
+            raise ValueError("pass only one of pixel_values, image_features, perceptual_weights or mm_encoder_outputs")
         if given and row_perceptual_weights is None:
             if input_ids is None:
-                raise ValueError("images need input_ids holding their <image> placeholders")
-            check_images(self.config, input_ids, given[0], pixel_values)
-            if perceptual_weights is None:
-                perceptual_weights = self.get_image_features(pixel_values=pixel_values, image_features=image_features)
-            row_perceptual_weights = self.row_weights(input_ids, perceptual_weights)
+                raise ValueError(
+                    "images need input_ids holding their <image> placeholders; with inputs_embeds, pass input_ids "
+                    "beside them (as for LLaVA) to say which rows hold an image and where"
+                )
+            check_images(self.config, input_ids, given[0] if image_outputs is None else image_outputs.pooler_output,
+                         pixel_values)
+            if perceptual_weights is not None:
+                image_outputs = BaseModelOutputWithPooling(pooler_output=perceptual_weights)
+            elif image_outputs is None:
+                image_outputs = self.get_image_features(pixel_values=pixel_values, image_features=image_features,
+                                                        return_dict=True)
+            row_perceptual_weights = self.row_weights(input_ids, image_outputs.pooler_output)
         if row_perceptual_weights is None and input_ids is not None:
             placeholders = int((input_ids == self.config.image_token_id).sum())
             if placeholders:
@@ -204,9 +237,10 @@ class VLoRAModel(VLoRAPreTrainedModel):
                     f"input_ids hold {placeholders} <image> placeholders but no image was given "
                     "(pixel_values, image_features or perceptual_weights)"
                 )
-        return row_perceptual_weights, perceptual_weights
+        return row_perceptual_weights, image_outputs
 
     # ----- text side -------------------------------------------------------------------------------------
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -217,24 +251,29 @@ class VLoRAModel(VLoRAPreTrainedModel):
         image_features: torch.FloatTensor | None = None,
         perceptual_weights: torch.FloatTensor | None = None,
         row_perceptual_weights: torch.FloatTensor | None = None,
+        mm_encoder_outputs: dict | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> VLoRAModelOutputWithPast:
         """`pixel_values` / `image_features` / `perceptual_weights`: one entry per placeholder, in row order.
 
         `row_perceptual_weights` [batch, D] (zeros for text-only rows) is what `generate` passes between steps,
-        when the placeholder is no longer part of `input_ids`.
+        when the placeholder is no longer part of `input_ids`. With `inputs_embeds`, `input_ids` may come beside
+        them (same shape) to locate the placeholders; the embeddings are used, the placeholder's is never read.
         """
+        check_ids_beside_embeds(input_ids, inputs_embeds)
         vocab_size = self.get_input_embeddings().num_embeddings
         check_text_inputs(input_ids, attention_mask, self.config.image_token_id, vocab_size)
-        row_perceptual_weights, perceptual_weights = self.resolve_images(
-            input_ids, pixel_values, image_features, perceptual_weights, row_perceptual_weights
+        row_perceptual_weights, image_outputs = self.resolve_images(
+            input_ids, pixel_values, image_features, perceptual_weights, row_perceptual_weights, mm_encoder_outputs
         )
         if input_ids is not None:
             is_image = input_ids == self.config.image_token_id
             if is_image.any():
                 attention_mask, position_ids = mask_placeholders(is_image, attention_mask, position_ids)
                 input_ids = input_ids.masked_fill(is_image, 0)  # the release's id; never attended to
+            if inputs_embeds is not None:
+                input_ids = None  # the backbone takes one of the two
 
         deltas = None
         if row_perceptual_weights is not None:
@@ -247,6 +286,7 @@ class VLoRAModel(VLoRAPreTrainedModel):
                 position_ids=position_ids,
                 inputs_embeds=inputs_embeds,
                 use_cache=use_cache,
+                return_dict=True,
                 **kwargs,
             )
         return VLoRAModelOutputWithPast(
@@ -254,7 +294,16 @@ class VLoRAModel(VLoRAPreTrainedModel):
             **{CACHE: getattr(out, CACHE)},
             hidden_states=getattr(out, "hidden_states", None),
             attentions=getattr(out, "attentions", None),
-            perceptual_weights=perceptual_weights,
+            image_outputs=image_outputs,
+        )
+
+
+def check_ids_beside_embeds(input_ids, inputs_embeds) -> None:
+    """`input_ids` given beside `inputs_embeds` locate the placeholders, so they must cover the same tokens."""
+    if inputs_embeds is not None and input_ids is not None and inputs_embeds.shape[:2] != input_ids.shape:
+        raise ValueError(
+            f"inputs_embeds {tuple(inputs_embeds.shape[:2])} and input_ids {tuple(input_ids.shape)} given together "
+            "must cover the same [batch, sequence] (input_ids only locate the <image> placeholders)"
         )
 
 
@@ -294,9 +343,41 @@ class VLoRAForCausalLM(VLoRAPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
-    def get_image_features(self, pixel_values=None, image_features=None, **kwargs) -> torch.Tensor:
-        return self.model.get_image_features(pixel_values=pixel_values, image_features=image_features)
+    def get_image_features(self, pixel_values=None, image_features=None, return_dict: bool = False, **kwargs):
+        return self.model.get_image_features(pixel_values=pixel_values, image_features=image_features,
+                                             return_dict=return_dict)
 
+    @classmethod
+    def from_text_and_vision_pretrained(cls, text_model, vision_tower, dtype=None, **vlora_kwargs):
+        """A new VLoRA model from a pretrained causal LM and a pretrained vision tower, in one call.
+
+        `text_model` / `vision_tower`: folders, Hub ids or loaded models (a full CLIP / SigLIP model gives its
+        vision half). `vlora_kwargs` go to `VLoRAConfig`; pass `image_token_id=processor.image_token_id` when the
+        tokenizer holds `<image>`. The generator starts fresh with B = 0, so until it is trained the model answers
+        exactly as the text model does.
+        """
+        from transformers import AutoModelForCausalLM
+
+        if not isinstance(text_model, nn.Module):
+            text_model = AutoModelForCausalLM.from_pretrained(text_model, dtype=dtype)
+        if not isinstance(vision_tower, nn.Module):
+            vision_tower = AutoModel.from_pretrained(vision_tower, dtype=dtype)
+        if hasattr(vision_tower, "vision_model") and hasattr(vision_tower, "text_model"):
+            vision_tower = vision_tower.vision_model
+        tower_config = vision_tower.config
+        if tower_config.model_type not in TOWERS_WITH_CLS:
+            vlora_kwargs.setdefault("vision_feature_select_strategy", "full")
+        config = VLoRAConfig(text_config=text_model.config, vision_config=tower_config, **vlora_kwargs)
+        model = cls(config)
+        base = getattr(text_model, text_model.base_model_prefix)
+        model.model.language_model.load_state_dict(base.state_dict(), strict=True)
+        with torch.no_grad():
+            model.lm_head.weight.copy_(text_model.get_output_embeddings().weight)
+        load_tower_state(model.model.vision_tower, vision_tower.state_dict())
+        model.generation_config = text_model.generation_config  # the backbone's eos / pad / sampling defaults
+        return model.to(dtype) if dtype is not None else model
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -307,6 +388,7 @@ class VLoRAForCausalLM(VLoRAPreTrainedModel, GenerationMixin):
         image_features: torch.FloatTensor | None = None,
         perceptual_weights: torch.FloatTensor | None = None,
         row_perceptual_weights: torch.FloatTensor | None = None,
+        mm_encoder_outputs: dict | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -321,7 +403,9 @@ class VLoRAForCausalLM(VLoRAPreTrainedModel, GenerationMixin):
             image_features=image_features,
             perceptual_weights=perceptual_weights,
             row_perceptual_weights=row_perceptual_weights,
+            mm_encoder_outputs=mm_encoder_outputs,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         hidden = out.last_hidden_state
@@ -337,7 +421,7 @@ class VLoRAForCausalLM(VLoRAPreTrainedModel, GenerationMixin):
             **{CACHE: getattr(out, CACHE)},
             hidden_states=out.hidden_states,
             attentions=out.attentions,
-            perceptual_weights=out.perceptual_weights,
+            image_outputs=out.image_outputs,
         )
 
     @torch.no_grad()
@@ -348,6 +432,7 @@ class VLoRAForCausalLM(VLoRAPreTrainedModel, GenerationMixin):
         pixel_values: torch.FloatTensor | None = None,
         image_features: torch.FloatTensor | None = None,
         perceptual_weights: torch.FloatTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
         **kwargs,
     ):
         """`GenerationMixin.generate`, with the images turned into per-row weights once, before prefill.
@@ -356,18 +441,28 @@ class VLoRAForCausalLM(VLoRAPreTrainedModel, GenerationMixin):
         beams and `num_return_sequences`), so the tower and generator never run again. The placeholders, which
         no token may attend to, are taken out of the sequence (their rows are left-padded by one instead) and
         the remaining tokens keep the position ids they have in a plain forward: the KV cache holds text only
-        and attention keeps its causal fast path. The returned sequences start with the `input_ids` given.
+        and attention keeps its causal fast path. `inputs_embeds` (the prompt's embeddings) may come with
+        `input_ids` beside them, which say where the placeholders are, as with LLaVA-style models.
+
+        The returned `sequences` start with the `input_ids` given, placeholders included. The per-step outputs
+        (`scores`, `logits`, `attentions`, `hidden_states`) see the text only: in a row with an image, the prompt
+        they cover is one column shorter than the prompt part of `sequences`.
         """
         check_generate_inputs(self, input_ids, attention_mask, kwargs)
+        check_ids_beside_embeds(input_ids, inputs_embeds)
         kwargs["row_perceptual_weights"], _ = self.model.resolve_images(
-            input_ids, pixel_values, image_features, perceptual_weights, kwargs.get("row_perceptual_weights")
+            input_ids, pixel_values, image_features, perceptual_weights, kwargs.get("row_perceptual_weights"),
+            kwargs.pop("mm_encoder_outputs", None),
         )
         if input_ids is None or not (input_ids == self.config.image_token_id).any():
-            return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            return super().generate(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                    **kwargs)
 
-        text_ids, text_mask, kwargs["position_ids"] = without_placeholders(
-            input_ids, attention_mask, self.config.image_token_id, self.generation_config.pad_token_id or 0
-        )
+        text = without_placeholders(input_ids, attention_mask, self.config.image_token_id,
+                                    self.generation_config.pad_token_id or 0, inputs_embeds=inputs_embeds)
+        text_ids, text_mask, kwargs["position_ids"] = text[:3]
+        if inputs_embeds is not None:
+            kwargs["inputs_embeds"] = text[3]
         out = super().generate(input_ids=text_ids, attention_mask=text_mask, **kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
@@ -377,13 +472,28 @@ class VLoRAForCausalLM(VLoRAPreTrainedModel, GenerationMixin):
         out.sequences = sequences
         return out
 
+    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, **kwargs):
+        """As `GenerationMixin`'s, with an explicit all-ones mask where it would give none and no cache.
 
-def without_placeholders(input_ids: torch.Tensor, attention_mask, image_token_id: int, pad_token_id: int = 0):
+        Without a cache and without a mask, transformers reads a jump in the position ids as the start of a new
+        packed sequence; the placeholder taken out of the prompt leaves exactly such a jump (the text after it
+        keeps its plain-forward positions), so the text would stop seeing what precedes the image.
+        """
+        inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        if inputs.get("attention_mask") is None and inputs.get(CACHE) is None and inputs.get("position_ids") is not None:
+            tokens = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
+            inputs["attention_mask"] = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
+        return inputs
+
+
+def without_placeholders(input_ids: torch.Tensor, attention_mask, image_token_id: int, pad_token_id: int = 0,
+                         inputs_embeds: torch.Tensor | None = None):
     """Take the `<image>` placeholders out of left-padded prompts, for generation.
 
     Each placeholder moves to the front of its row as padding; a column that is padding in every row is dropped.
     Returns (input_ids, attention_mask, position_ids), the position ids being those of a plain forward (the
-    placeholder still counts), so the logits are the same as with the placeholder masked in place.
+    placeholder still counts), so the logits are the same as with the placeholder masked in place; with
+    `inputs_embeds` [batch, seq, hidden], those embeddings rearranged the same way come fourth.
     """
     is_image = input_ids == image_token_id
     if attention_mask is None:
@@ -395,4 +505,35 @@ def without_placeholders(input_ids: torch.Tensor, attention_mask, image_token_id
     mask = attention_mask.gather(1, order).masked_fill(moved, 0)
     positions = positions.gather(1, order)
     start = int((mask.sum(0) == 0).long().cumprod(0).sum())  # leading all-padding columns
-    return ids[:, start:], mask[:, start:], positions[:, start:]
+    text = (ids[:, start:], mask[:, start:], positions[:, start:])
+    if inputs_embeds is None:
+        return text
+    embeds = inputs_embeds.gather(1, order[..., None].expand(-1, -1, inputs_embeds.shape[-1]))
+    return (*text, embeds[:, start:])
+
+
+def refuse_tensor_parallel(load_kwargs: dict) -> None:
+    """Raise where `from_pretrained` would shard the backbone: the per-image deltas are full-width and would
+    not follow the shards of q/k/v/o/MLP (and the plan leaves the tied `lm_head` whole)."""
+    dist = load_kwargs.get("distributed_config")
+    dist = dist if isinstance(dist, dict) else {} if dist is None else vars(dist)
+    plans = (load_kwargs.get("tp_plan"), dist.get("tp_plan"))
+    sizes = (load_kwargs.get("tp_size"), dist.get("tp_size"))
+    if any(plan is not None for plan in plans) or any((size or 1) > 1 for size in sizes):
+        raise ValueError(
+            "VLoRA does not support tensor parallelism (tp_plan / tp_size): the per-image low-rank deltas are "
+            "added at full width around q/k/v/o/MLP and do not follow sharded projections. Load without tp_plan "
+            "(one device, device_map, or FSDP / DeepSpeed data parallelism for training)."
+        )
+
+
+def load_tower_state(target: nn.Module, state: dict) -> None:
+    """Load a vision tower's weights, with or without the `vision_model.` key prefix."""
+    expected = set(target.state_dict())
+    for candidate in (state, {k.removeprefix("vision_model."): v for k, v in state.items()},
+                      {f"vision_model.{k}": v for k, v in state.items()}):
+        if expected <= set(candidate):
+            target.load_state_dict({k: candidate[k] for k in expected}, strict=True)
+            return
+    missing = sorted(expected - set(state))[:5]
+    raise ValueError(f"the vision tower folder does not match the tower config: missing weights such as {missing}")

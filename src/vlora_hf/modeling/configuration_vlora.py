@@ -11,7 +11,7 @@ from transformers import AutoConfig, PretrainedConfig
 # Targets the release knows (q, k, v, o, m) and our generalisation to the single MLP projections.
 ALL_TARGETS = ("q", "k", "v", "o", "m", "gate", "up", "down")
 # Module paths of each target inside one decoder layer of a Llama-style backbone.
-TARGET_MODULES = {
+LLAMA_TARGET_PATHS = {
     "q": "self_attn.q_proj",
     "k": "self_attn.k_proj",
     "v": "self_attn.v_proj",
@@ -21,8 +21,12 @@ TARGET_MODULES = {
     "up": "mlp.up_proj",
     "down": "mlp.down_proj",
 }
-# Backbones whose decoder layers have exactly those module paths (others are checked on the built model).
-LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite", "smollm3"}
+# Target module paths per backbone `model_type`. A backbone listed here needs no code and no config to be a VLoRA
+# backbone; any other one is supported by giving `target_module_paths` (its layers' names) in the config.
+BACKBONE_TARGET_PATHS = {
+    t: LLAMA_TARGET_PATHS
+    for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite", "smollm3")
+}
 SELECT_STRATEGIES = ("default", "full")  # "default" drops the CLS token (the release's "patch")
 TOWERS_WITH_CLS = {"clip_vision_model", "clip"}
 
@@ -67,6 +71,9 @@ class VLoRAConfig(PretrainedConfig):
         target_modules: "qkvom"-style string or a list of q, k, v, o, m, gate, up, down.
         skip_layers: layer i receives deltas iff (i + 1) % skip_layers == 0 (release rule).
         target_layers: explicit list of 0-based layers instead of `skip_layers`.
+        target_module_paths: {target: module path inside a decoder layer}, for a backbone whose `model_type` is not
+            in `BACKBONE_TARGET_PATHS` or whose layers name their projections differently (merged over the
+            backbone's own map, if it has one).
         image_token_id: the `<image>` placeholder id (default: the text vocab size, just past the vocabulary).
         image_aspect_ratio: "pad" (the release's square padding with the mean colour) or "resize"-less default.
         default_prompt: question used when a pipeline receives an image without text.
@@ -92,6 +99,7 @@ class VLoRAConfig(PretrainedConfig):
         target_modules="qkvom",
         skip_layers: int = 4,
         target_layers: list[int] | None = None,
+        target_module_paths: dict[str, str] | None = None,
         image_token_id: int | None = None,
         image_aspect_ratio: str = "pad",
         default_prompt: str = "Describe the image.",
@@ -112,6 +120,7 @@ class VLoRAConfig(PretrainedConfig):
         self.target_modules = parse_targets(target_modules)
         self.skip_layers = skip_layers
         self.target_layers = None if target_layers is None else [int(i) for i in target_layers]
+        self.target_module_paths = None if target_module_paths is None else dict(target_module_paths)
         self.image_token_id = self.text_config.vocab_size if image_token_id is None else image_token_id
         self.image_aspect_ratio = image_aspect_ratio
         self.default_prompt = default_prompt
@@ -190,11 +199,16 @@ class VLoRAConfig(PretrainedConfig):
                 )
         elif not 1 <= self.skip_layers <= n_layers:
             raise ValueError(f"skip_layers={self.skip_layers} must be in [1, {n_layers}] for a {n_layers}-layer backbone")
+        unknown = sorted(set(self.target_module_paths or {}) - set(ALL_TARGETS))
+        if unknown:
+            raise ValueError(f"target_module_paths names unknown targets {unknown}; targets are {list(ALL_TARGETS)}")
         model_type = self.text_config.model_type
-        if model_type not in LLAMA_LIKE:
+        missing = [t for t in self.target_modules if t not in self.module_paths]
+        if missing:
             raise ValueError(
-                f"text backbone {model_type!r} is not supported: VLoRA targets {sorted(TARGET_MODULES.values())} "
-                f"of Llama-style decoders ({sorted(LLAMA_LIKE)})"
+                f"text backbone {model_type!r} has no known module path for target(s) {missing}: give "
+                f"target_module_paths, e.g. {{'q': 'self_attn.q_proj', ...}} (known backbones: "
+                f"{sorted(BACKBONE_TARGET_PATHS)})"
             )
         if not self.separate_generators:
             widths = {self.target_shape(t)[0] for t in self.target_modules}
@@ -203,6 +217,11 @@ class VLoRAConfig(PretrainedConfig):
                     f"separate_generators=False shares one weights head, so all targets need the same input "
                     f"width; {self.target_modules} have widths {sorted(widths)}"
                 )
+
+    @property
+    def module_paths(self) -> dict[str, str]:
+        """{target: module path inside one decoder layer}: the backbone's map, then the config's override."""
+        return {**BACKBONE_TARGET_PATHS.get(self.text_config.model_type, {}), **(self.target_module_paths or {})}
 
     @property
     def lora_scale(self) -> float:

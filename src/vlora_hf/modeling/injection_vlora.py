@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .configuration_vlora import TARGET_MODULES, VLoRAConfig
+from .configuration_vlora import VLoRAConfig
 
 _ACTIVE_DELTAS: contextvars.ContextVar[LowRankDeltas | None] = contextvars.ContextVar("vlora_deltas", default=None)
 
@@ -83,16 +83,16 @@ def _make_hook(target: str, slot: int):
 
 def attach_delta_hooks(language_model: nn.Module, config: VLoRAConfig) -> list:
     """Register one forward hook per (receiving layer, target); returns the handles."""
-    layers = language_model.layers
+    layers, paths = language_model.layers, config.module_paths
     handles = []
     for slot, layer_idx in enumerate(config.receiving_layers):
         for target in config.target_modules:
             try:
-                module = layers[layer_idx].get_submodule(TARGET_MODULES[target])
+                module = layers[layer_idx].get_submodule(paths[target])
             except AttributeError as err:
                 raise ValueError(
-                    f"target {target!r} needs `{TARGET_MODULES[target]}` in each decoder layer, which "
-                    f"{type(language_model).__name__} lacks"
+                    f"target {target!r} needs `{paths[target]}` in each decoder layer, which "
+                    f"{type(language_model).__name__} lacks (set target_module_paths in the config)"
                 ) from err
             handles.append(module.register_forward_hook(_make_hook(target, slot)))
     return handles

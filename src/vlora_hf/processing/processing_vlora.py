@@ -18,7 +18,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.tokenization_utils_base import AddedToken
 
-from .chat_templates import CHAT_TEMPLATES, PLAIN_TEMPLATE, VICUNA_V1_TEMPLATE
+from .chat_templates import BACKBONE, CHAT_TEMPLATES, PLAIN_TEMPLATE, VICUNA_V1_TEMPLATE, backbone_template
 from .image_processing_vlora import VLoRAImageProcessor
 
 _TOKENIZER_KWARGS = {
@@ -71,9 +71,12 @@ class VLoRAProcessor(ProcessorMixin):
     Args:
         image_processor: a :class:`VLoRAImageProcessor`.
         tokenizer: any transformers tokenizer; ``image_token`` is added as a special token if missing.
-        chat_template: a jinja string, or a dict of named templates. Default: ``{"default": vicuna_v1,
-            "vicuna_v1": ..., "plain": ...}`` so ``apply_chat_template(..., chat_template="plain")`` selects the
-            caption pre-training format.
+        chat_template: a jinja string, a dict of named templates, or the name of the default one. Default:
+            ``{"default": vicuna_v1, "vicuna_v1": ..., "plain": ..., "backbone": ...}``, so
+            ``apply_chat_template(..., chat_template="plain")`` selects the caption pre-training format and
+            ``"backbone"`` the tokenizer's own template (Qwen2's ChatML, Llama-3's headers) with ``<image>`` where
+            the image goes (present when the tokenizer has a template). ``chat_template="backbone"`` here makes
+            that template the default, for training and inference alike.
         image_token: the placeholder string (default ``"<image>"``).
         padding_side: default padding side for batched text (``"left"``).
     """
@@ -91,8 +94,17 @@ class VLoRAProcessor(ProcessorMixin):
             image_processor = VLoRAImageProcessor()
         if tokenizer is None:
             raise ValueError("VLoRAProcessor needs a tokenizer.")
+        own = backbone_template(tokenizer)
+        if chat_template == BACKBONE:
+            if own is None:
+                raise ValueError("chat_template='backbone' needs a tokenizer with its own chat template")
+            chat_template = {**CHAT_TEMPLATES, "default": own}
+        elif isinstance(chat_template, str) and chat_template in CHAT_TEMPLATES:  # a name
+            chat_template = {**CHAT_TEMPLATES, "default": CHAT_TEMPLATES[chat_template]}
         if chat_template is None:
             chat_template = dict(CHAT_TEMPLATES)
+        if isinstance(chat_template, dict) and own is not None and tokenizer.chat_template not in CHAT_TEMPLATES.values():
+            chat_template.setdefault(BACKBONE, own)
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.image_token = getattr(tokenizer, "image_token", None) or image_token
@@ -219,6 +231,9 @@ class VLoRAProcessor(ProcessorMixin):
         texts = self._normalize_text(text)
         ordered_images = self._match_images(texts, images)
 
+        bos = getattr(self.tokenizer, "bos_token", None)
+        if bos and all(t.startswith(bos) for t in texts):  # the chat template wrote it (Llama-3): not twice
+            text_kwargs.setdefault("add_special_tokens", False)
         text_kwargs.setdefault("padding", True if len(texts) > 1 else False)
         text_kwargs.setdefault("padding_side", self.padding_side)
         encoding = self.tokenizer(texts, **text_kwargs)
@@ -252,11 +267,16 @@ class VLoRAProcessor(ProcessorMixin):
     # ------------------------------------------------------------------ chat / decode
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):
         """As ``ProcessorMixin.apply_chat_template``; ``chat_template`` may also name a template
-        (``"vicuna_v1"``, ``"plain"``) even when the processor holds a single template string."""
-        if isinstance(chat_template, str) and chat_template in CHAT_TEMPLATES and not (
+        (``"vicuna_v1"``, ``"plain"``, ``"backbone"``) even when the processor holds a single template string."""
+        if isinstance(chat_template, str) and not (
             isinstance(self.chat_template, dict) and chat_template in self.chat_template
         ):
-            chat_template = CHAT_TEMPLATES[chat_template]
+            if chat_template in CHAT_TEMPLATES:
+                chat_template = CHAT_TEMPLATES[chat_template]
+            elif chat_template == BACKBONE:
+                chat_template = backbone_template(self.tokenizer)
+                if chat_template is None:
+                    raise ValueError("chat_template='backbone': the tokenizer has no chat template of its own")
         return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
 
     def batch_decode(self, *args, **kwargs):

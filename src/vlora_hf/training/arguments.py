@@ -19,6 +19,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
 from ..dtypes import DTYPES
+from .llm_lora import check_llm_lora
 from .scratch_tower import WARM_START_ARGS, check_schedule
 from .stages import STAGES
 
@@ -68,7 +69,8 @@ class ModelArguments:
         "help": "A tower trained from scratch: {patch_embedding: fan_in, position_embedding: sincos, warm_start: "
                 "{steps, learning_rate, batch_size, lr_scheduler_type, warmup_steps, freeze_tower}}."})
     llm_lora: dict | str | None = field(default=None, metadata={
-        "help": "A LoRA on the LLM instead of full fine-tuning: {r, alpha, target_modules}."})
+        "help": "Stage finetune: a LoRA on the LLM instead of full fine-tuning, {r, alpha, target_modules, dropout}; "
+                "merged into the weights before export."})
     tokenizer: str | None = field(default=None, metadata={
         "help": "Tokenizer folder (default: the checkpoint's or the text model's)."})
     tokenizer_build: dict | str | None = field(default=None, metadata={
@@ -209,7 +211,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         raise ValueError("precompute_image_features needs a frozen tower (stage pretrain or finetune, or "
                          "scratch_tower.warm_start.freeze_tower)")
     if model_args.llm_lora is not None:
-        raise ValueError("llm_lora is not implemented yet")
+        check_llm_lora(model_args.llm_lora, stage)
 
 
 def load_recipe(path) -> dict:

@@ -5,12 +5,12 @@ with a tokenizer trained on the run's own text)."""
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from ..dtypes import DTYPES
 from ..modeling import VLoRAConfig, VLoRAForCausalLM
 from ..processing import VLoRAImageProcessor, VLoRAProcessor
-from ..processing.chat_templates import CHAT_TEMPLATES
+from ..processing.chat_templates import BACKBONE, CHAT_TEMPLATES
 from .arguments import ModelArguments
 from .bpe_tokenizer import build_tokenizer, template_phrases, tokenizer_corpus
 from .scratch_tower import init_scratch_tower
@@ -39,20 +39,9 @@ def build_image_processor(kwargs: dict | None, vision_config, source=None) -> VL
 
 
 def build_processor(tokenizer, image_processor, chat_template: str | None = None) -> VLoRAProcessor:
-    return VLoRAProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                          chat_template=resolve_chat_template(chat_template))
-
-
-def load_tower_state(target, state: dict) -> None:
-    """Load a vision tower's weights, with or without the `vision_model.` key prefix."""
-    expected = set(target.state_dict())
-    for candidate in (state, {k.removeprefix("vision_model."): v for k, v in state.items()},
-                      {f"vision_model.{k}": v for k, v in state.items()}):
-        if expected <= set(candidate):
-            target.load_state_dict({k: candidate[k] for k in expected}, strict=True)
-            return
-    missing = sorted(expected - set(state))[:5]
-    raise ValueError(f"the vision tower folder does not match the tower config: missing weights such as {missing}")
+    """chat_template "backbone": the tokenizer's own template, which the processor adapts itself."""
+    template = chat_template if chat_template == BACKBONE else resolve_chat_template(chat_template)
+    return VLoRAProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
 
 
 def _as_config(d: dict, default_type: str):
@@ -74,24 +63,14 @@ def from_checkpoint(args: ModelArguments):
 
 def from_pretrained_parts(args: ModelArguments):
     """A VLoRA model around a transformers causal LM and a CLIP / SigLIP tower, their weights unchanged."""
-    dtype = DTYPES.get(args.dtype)
-    text = AutoModelForCausalLM.from_pretrained(args.text_model, dtype=dtype)
     tower_config = AutoConfig.from_pretrained(args.vision_tower)
     tower_config = getattr(tower_config, "vision_config", None) or tower_config  # a full CLIP / SigLIP folder
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.text_model)
     image_processor = build_image_processor(args.image_processor, tower_config, args.vision_tower)
     processor = build_processor(tokenizer, image_processor, args.chat_template)
     vlora = {"image_token_id": processor.image_token_id, **(args.vlora or {})}
-    if tower_config.model_type != "clip_vision_model":  # no CLS position to drop
-        vlora.setdefault("vision_feature_select_strategy", "full")
-    model = VLoRAForCausalLM(VLoRAConfig(text_config=text.config, vision_config=tower_config, **vlora))
-    model.model.language_model.load_state_dict(getattr(text, text.base_model_prefix).state_dict(), strict=True)
-    with torch.no_grad():
-        model.lm_head.weight.copy_(text.get_output_embeddings().weight)
-    tower = AutoModel.from_pretrained(args.vision_tower, dtype=dtype)
-    load_tower_state(model.model.vision_tower, getattr(tower, "vision_model", tower).state_dict())
-    if dtype is not None:
-        model.to(dtype)
+    model = VLoRAForCausalLM.from_text_and_vision_pretrained(args.text_model, args.vision_tower,
+                                                             dtype=DTYPES.get(args.dtype), **vlora)
     return model, processor
 
 
@@ -144,5 +123,4 @@ def build_model_and_processor(args: ModelArguments, rows_for_tokenizer=None, mul
     return from_configs(args, rows_for_tokenizer, multi_turn)
 
 
-__all__ = ["build_image_processor", "build_model_and_processor", "build_processor", "load_tower_state",
-           "resolve_chat_template"]
+__all__ = ["build_image_processor", "build_model_and_processor", "build_processor", "resolve_chat_template"]

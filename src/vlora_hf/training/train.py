@@ -31,6 +31,7 @@ from ..data.shapes_dataset import preprocess_bank, shapes_dataset, training_rows
 from .arguments import parse_args, recipe_yaml
 from .callbacks import ProgressCallback, setup_logging
 from .evaluate import exact_match
+from .llm_lora import apply_llm_lora, merge_llm_lora
 from .model_builder import build_model_and_processor
 from .scratch_tower import WARM_START_ARGS, warm_start_tower
 from .stages import apply_stage
@@ -71,6 +72,8 @@ def prepare_model_and_data(model_args, data_args, training_args):
         settings = {k: WARM_START_ARGS[k](v) for k, v in warm.items() if k in WARM_START_ARGS}
         warm_start_tower(model, dataset.images, rows, seed=training_args.seed, **settings)
     counts = apply_stage(model, training_args.stage, freeze_tower=bool((warm or {}).get("freeze_tower")))
+    if model_args.llm_lora:
+        counts["language_model"] = apply_llm_lora(model, **model_args.llm_lora)
     logger.info(f"stage {training_args.stage}: trainable parameters {counts} of "
                 f"{sum(p.numel() for p in model.parameters()):,}")
     if data_args.precompute_image_features:
@@ -165,6 +168,8 @@ def run(model_args, data_args, heldout_args, training_args) -> dict:
         if heldout_args.heldout_images:
             summary["eval"] = evaluate_heldout(model, processor, data_args, heldout_args)
         summary["total_seconds"] = time.time() - start
+        if model_args.llm_lora:
+            merge_llm_lora(model)  # the export is a plain VLoRA checkpoint
         export(model, processor, training_args, data_args, summary)
         logger.info(f"saved to {training_args.export_dir} (total {summary['total_seconds']:.0f} s)")
         floor = heldout_args.heldout_min_accuracy
