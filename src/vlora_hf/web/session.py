@@ -62,9 +62,10 @@ class DemoSession:
     def load(cls, model_id: str | None = None, device: str | None = None, dtype: str = "auto") -> DemoSession:
         """From one of our checkpoint folders or a Hub id (default: the shipped demo model)."""
         from .. import demo_model_path
-        from ..generate import _device_and_dtype, load
+        from ..dtypes import pick_device_and_dtype
+        from ..generate import load
 
-        return cls(*load(model_id or str(demo_model_path()), *_device_and_dtype(device, dtype)))
+        return cls(*load(model_id or str(demo_model_path()), *pick_device_and_dtype(device, dtype)))
 
     def image_weights(self, path, name: str | None = None) -> ImageWeights:
         """Decode an image file and compute its perceptual weights (the only time the tower and generator run).
