@@ -28,6 +28,7 @@ def logits(model, ids, px):
         return model(input_ids=ids, pixel_values=px).logits
 
 
+@pytest.mark.slow
 def test_peft_lora_trains_saves_reloads_and_generates_with_image_deltas(tmp_path):
     base = tiny_model(seed=5)
     base.generation_config.eos_token_id = None
