@@ -150,23 +150,23 @@ def backbone_folders(tmp_path, name: str):
     return tok
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen2", "llama3"])
 def test_backbone_trains_on_its_own_template_and_stops_at_its_eos(tmp_path, name):
     tok = backbone_folders(tmp_path, name)
     recipe = {
-        "stage": "finetune", "output_dir": str(tmp_path / "run"), "export_dir": str(tmp_path / "out"),
+        "stage": "finetune", "seed": 0, "output_dir": str(tmp_path / "run"), "export_dir": str(tmp_path / "out"),
         "text_model": str(tmp_path / name), "vision_tower": str(tmp_path / "clip"),
-        "vlora": {"generator_hidden_size": 16, "generator_depth": 1, "generator_num_heads": 4,
-                  "lora_rank": 4, "skip_layers": 1, "vision_feature_layer": -1},
+        "vlora": {"generator_hidden_size": 16, "generator_depth": 1, "generator_num_heads": 4, "lora_rank": 4,
+                  "skip_layers": 1, "vision_feature_layer": -1},
         "init_lora_B_std": 0.02, "chat_template": "backbone",
         "image_processor": {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
-        "dataset": "shapes", "num_images": 4, "shapes_seed": 0, "precompute_image_features": True,
+        "dataset": "shapes", "num_images": 4, "precompute_image_features": True,
         "max_steps": 60, "per_device_train_batch_size": 8, "learning_rate": 5e-3, "lr_scheduler_type": "constant",
         "logging_steps": 20, "save_strategy": "no", "torch_threads": 2,
     }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    run(*parse_args(["--recipe", str(path)])[:4])
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    run(*parse_args(["--recipe", str(tmp_path / "recipe.yaml")])[:4])
 
     out = tmp_path / "out"
     model = AutoModelForCausalLM.from_pretrained(out).eval()

@@ -47,7 +47,7 @@ def test_flops_generator_and_yopo_hand_computed():
     head = 2 * 1 * 4 * (8 * 2)  # one slot: A of width 8 x rank 2
     assert F.generator(c) == 2 * 4 * 6 * 4 + 2 * (block + head) == 2016
     assert F.lowrank_per_token(c) == 2 * (2 * 8 * 2 + 2 * 2 * 8) == 128
-    y = B.YopoGeom(keep_layers=1, head_fraction=0.5, ffn_fraction=0.5, window=2)
+    y = YopoReductions(keep_layers=1, head_fraction=0.5, ffn_fraction=0.5, window=2)
     proj = 64 + 256 + 64 + 3 * 2 * 8 * 8  # half q/o, full k/v, half MLP
     # blocks of 2 and 1 visual tokens after 1 text token: contexts (2+3) + 2 = 7, over 1 of 2 heads (width 4)
     assert B.yopo_visual(c, y, n_visual=3, n_before=1) == 3 * proj + 4 * 7 * 4 + 672 == 3088
@@ -78,6 +78,7 @@ def _toy_inputs(st, batch=2, T=6):
     return ids, px
 
 
+@pytest.mark.slow
 def test_yopo_disabled_matches_llava(toy_llava):
     st, llava = toy_llava
     n_vis = llava.config.image_seq_length

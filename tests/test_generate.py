@@ -108,6 +108,7 @@ def test_beam_search_rows_match_single_row_beam_search(model):
     assert batched[4:, -4:].tolist() == alone[:, -4:].tolist()
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_and_image_dependent(model):
     rows, _ = rows_for(model)
     ids = torch.tensor([rows[0]])

@@ -31,7 +31,9 @@ def test_examples_are_the_shipped_drawings():
         assert dict(draw_example(name).qa) == EXAMPLES[name][2]
 
 
-@pytest.mark.parametrize("name", sorted(EXAMPLES))
+# One example in the fast tier; the other three (the same code path, other answers) with the slow tests.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if i else []) for i, n in
+                                  enumerate(sorted(EXAMPLES))])
 def test_exact_answers_on_the_examples(capsys, name):
     for question, answer in EXAMPLES[name][2].items():
         rc, out, err = run_cli(capsys, "--image", str(EX / name), "--prompt", question)

@@ -407,6 +407,7 @@ make_dataset(sys.argv[1], n=int(sys.argv[3]), overwrite=True)
 """
 
 
+@pytest.mark.slow
 def test_killed_folder_swaps_are_finished_or_cleaned_by_the_next_run(tmp_path, capsys):
     from vlora_hf.data.shapes import make_dataset
 

@@ -194,6 +194,7 @@ def test_shared_generator_and_explicit_layers():
 
 
 # ----- concurrency and checkpointing ---------------------------------------------------------------------
+@pytest.mark.slow
 def test_threads_sharing_a_model_get_their_own_images():
     model = tiny_model()
     ids = prompt(model, 1)

@@ -28,6 +28,7 @@ def logits(model, ids, px):
         return model(input_ids=ids, pixel_values=px).logits
 
 
+@pytest.mark.slow
 def test_peft_lora_trains_saves_reloads_and_generates_with_image_deltas(tmp_path):
     base = tiny_model(seed=5)
     base.generation_config.eos_token_id = None
@@ -99,19 +100,21 @@ def test_llm_lora_helpers_target_only_the_language_model_and_merge_exactly():
     torch.testing.assert_close(logits(model, ids, px), with_lora, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_recipe_llm_lora_trains_q_and_v_only_and_exports_merged(tmp_path):
     from test_training import FROM_CHECKPOINT, tiny_args
 
+    from vlora_hf.training.arguments import check_arguments
     from vlora_hf.training.train import run
 
     # a scratch model saved first, then LoRA-finetuned from it as a checkpoint
     run(*tiny_args(tmp_path / "a", max_steps=1))
-    start = str(tmp_path / "a" / "out")
     lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
-    summary = run(*tiny_args(tmp_path / "b", stage="finetune", checkpoint=start, max_steps=3, llm_lora=lora,
-                             **FROM_CHECKPOINT))
+    args = tiny_args(tmp_path / "b", stage="finetune", checkpoint=str(tmp_path / "a" / "out"), max_steps=3,
+                     llm_lora=lora, **FROM_CHECKPOINT)
+    summary = run(*args)
     assert summary["trainable"]["language_model"] == 2 * 2 * (4 * 32 + 32 * 4)  # 2 layers x (q, v)
-    before = VLoRAForCausalLM.from_pretrained(start)
+    before = VLoRAForCausalLM.from_pretrained(tmp_path / "a" / "out")
     after = VLoRAForCausalLM.from_pretrained(tmp_path / "b" / "out")
     old, new = before.state_dict(), after.state_dict()
     assert set(old) == set(new)  # merged: no LoRA keys in the export
@@ -120,7 +123,9 @@ def test_recipe_llm_lora_trains_q_and_v_only_and_exports_merged(tmp_path):
     assert lm_changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in lm_changed)
     assert any(k.startswith("model.generator.") for k in changed)
     assert not any(k.startswith("model.vision_tower.") for k in changed)
+    model_args, data_args, _, training_args = args
+    training_args.stage = "pretrain"
     with pytest.raises(ValueError, match="use stage finetune"):
-        tiny_args(tmp_path / "c", stage="pretrain", checkpoint=start, llm_lora=lora, **FROM_CHECKPOINT)
+        check_arguments(model_args, data_args, training_args)
     with pytest.raises(ValueError, match="target_modules required"):
-        tiny_args(tmp_path / "d", stage="finetune", checkpoint=start, llm_lora={"r": 4}, **FROM_CHECKPOINT)
+        tiny_args(tmp_path / "c", stage="finetune", checkpoint="x", llm_lora={"r": 4}, **FROM_CHECKPOINT)

@@ -154,6 +154,7 @@ def test_demo_recipe_describes_the_shipped_model():
         ({"scratch_tower": {"warm_start": {"steps": 3, "warmup_steps": 2}}}, "use 'constant_with_warmup'"),
         ({"scratch_tower": {"warm_start": {"steps": 3}}, "dataset": "llava", "data_path": "x.json"},
          "needs stage scratch"),
+        ({"llm_lora": {"r": 8}}, "target_modules required"),
         ({"llm_lora": {"r": 8, "target_modules": ["q_proj"]}}, "use stage finetune"),
     ],
 )
@@ -208,6 +209,7 @@ def test_stages_freeze_the_right_parts(tmp_path):
 # training runs
 
 
+@pytest.mark.slow
 def test_scratch_epochs_lower_the_loss_and_save_a_loadable_checkpoint(tmp_path):
     """Two epochs (max_steps left at its default) are 2 x 6 steps; the export loads and has learned."""
     args = tiny_args(tmp_path, "--epochs", "2", "--activation_checkpointing", "true")

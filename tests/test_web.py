@@ -134,7 +134,8 @@ def test_page_shows_the_processors_error_then_answers_again(served, browser, tmp
     assert min(_plot_size(browser)) == 0
 
     question = "Describe the image."
-    second = answer_questions(session.model, session.processor, [Image.open(EXAMPLES / "shapes_1.png")], [question])
+    second = answer_questions(session.model, session.processor, [Image.open(EXAMPLES / "shapes_1.png")], [question],
+                              max_new_tokens=64)
     _upload(browser, EXAMPLES / "shapes_1.png")
     _wait(browser, lambda: _answer(browser) == "" and min(_plot_size(browser)) > 0, "the good upload")
     _ask(browser, question, second[0])
@@ -142,7 +143,8 @@ def test_page_shows_the_processors_error_then_answers_again(served, browser, tmp
     browser.find_element(By.CSS_SELECTOR, "#upload2 input[type=file]").send_keys(str(EXAMPLES / "shapes_3.png"))
     _wait(browser, lambda: _plot_size(browser)[0] > alone[0], "the plot to draw the second image beside the first")
 
-    third = answer_questions(session.model, session.processor, [Image.open(EXAMPLES / "shapes_2.png")], [question])
+    third = answer_questions(session.model, session.processor, [Image.open(EXAMPLES / "shapes_2.png")], [question],
+                             max_new_tokens=64)
     assert third != second
     browser.find_elements(By.CSS_SELECTOR, "#examples .thumbnail-item")[2].click()
     _wait(browser, lambda: _answer(browser) == "", "the example to replace the image")

@@ -7,24 +7,17 @@ VLoRA, the perceptual-weights generator plus the low-rank branches the image add
 vision tower is the same for every system and reported apart.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from .. import flops as F
+from .yopo import YopoReductions
 
 # Figures reported by the seed paper (VLoRA, Ma et al. 2024) for LLaVA-1.5-7B and for YOPO on it.
 PAPER_LLAVA_7B_VISUAL_TFLOPS = 7.63
 PAPER_YOPO_7B_VISUAL_TFLOPS = 0.92
 
 
-@dataclass
-class YopoGeom:
-    keep_layers: int  # visual tokens take part in layers [0, keep_layers)
-    head_fraction: float = 0.5  # query heads computed for visual queries
-    ffn_fraction: float = 0.5  # FFN channels used for visual positions
-    window: int = 64  # visual queries attend to the text before the image + their own block of `window`
-
-
-def yopo_visual(config, y: YopoGeom, n_visual: int = 576, n_before: int = 1) -> int:
+def yopo_visual(config, y: YopoReductions, n_visual: int = 576, n_before: int = 1) -> int:
     """FLOPs of the visual positions under YOPO-style reductions (as implemented in yopo.py)."""
     heads = config.text_config.num_attention_heads
     kept_width = int(round(heads * y.head_fraction)) * (F.attention_width(config) // heads)
@@ -34,7 +27,7 @@ def yopo_visual(config, y: YopoGeom, n_visual: int = 576, n_before: int = 1) -> 
     return min(y.keep_layers, config.text_config.num_hidden_layers) * per_layer + F.projector(config, n_visual)
 
 
-def summary(config, y: YopoGeom, text_tokens: int = 64) -> dict:
+def summary(config, y: YopoReductions, text_tokens: int = 64) -> dict:
     """Visual compute per system and the whole prefill of `text_tokens` text tokens with one image after the
     first of them (GFLOPs)."""
     vc, tc = config.vision_config, config.text_config
@@ -77,6 +70,6 @@ def paper_7b_config():
 
 
 def paper_7b() -> dict:
-    s = summary(paper_7b_config(), YopoGeom(keep_layers=8), text_tokens=64)
+    s = summary(paper_7b_config(), YopoReductions(keep_layers=8), text_tokens=64)
     s["paper_reported_visual_tflops"] = {"llava": PAPER_LLAVA_7B_VISUAL_TFLOPS, "yopo": PAPER_YOPO_7B_VISUAL_TFLOPS}
     return s

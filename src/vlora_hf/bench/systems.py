@@ -65,8 +65,7 @@ class BenchSizes:
 
     def flops(self, yopo: YopoReductions, text_tokens: int) -> dict:
         """The analytic FLOPs summary of these sizes (`bench.flops.summary`)."""
-        y = F.YopoGeom(yopo.keep_layers, yopo.head_fraction, yopo.ffn_fraction, yopo.window)
-        return F.summary(vlora_config(self), y, text_tokens=text_tokens)
+        return F.summary(vlora_config(self), yopo, text_tokens=text_tokens)
 
     def describe(self) -> dict:
         d = asdict(self)

@@ -69,16 +69,15 @@ class ModelArguments:
         "help": "A tower trained from scratch: {patch_embedding: fan_in, position_embedding: sincos, warm_start: "
                 "{steps, learning_rate, batch_size, lr_scheduler_type, warmup_steps, freeze_tower}}."})
     llm_lora: dict | str | None = field(default=None, metadata={
-        "help": "A LoRA on the LLM instead of full fine-tuning (stage finetune; merged at export): {r, alpha, "
-                "target_modules, dropout}."})
+        "help": "Stage finetune: a LoRA on the LLM instead of full fine-tuning, {r, alpha, target_modules, dropout}; "
+                "merged into the weights before export."})
     tokenizer: str | None = field(default=None, metadata={
         "help": "Tokenizer folder (default: the checkpoint's or the text model's)."})
     tokenizer_build: dict | str | None = field(default=None, metadata={
         "help": "Random init: train a byte-level BPE tokenizer on the training conversations, {vocab_size, "
                 "template_tokens}; template_tokens makes the chat template's fixed text one token each."})
     chat_template: str | None = field(default=None, metadata={
-        "help": "vicuna_v1 (default for new processors), plain, backbone (the tokenizer's own template with "
-                "<image> where the image goes), or a jinja template."})
+        "help": "vicuna_v1 (default for new processors), plain, or a jinja template."})
     image_processor: dict | str | None = field(default=None, metadata={
         "help": "VLoRAImageProcessor keyword arguments (image_mean, image_std, size, ...)."})
 

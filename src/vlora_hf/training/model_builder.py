@@ -5,12 +5,12 @@ with a tokenizer trained on the run's own text)."""
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from ..dtypes import DTYPES
 from ..modeling import VLoRAConfig, VLoRAForCausalLM
 from ..processing import VLoRAImageProcessor, VLoRAProcessor
-from ..processing.chat_templates import CHAT_TEMPLATES
+from ..processing.chat_templates import BACKBONE, CHAT_TEMPLATES
 from .arguments import ModelArguments
 from .bpe_tokenizer import build_tokenizer, template_phrases, tokenizer_corpus
 from .scratch_tower import init_scratch_tower
@@ -39,8 +39,8 @@ def build_image_processor(kwargs: dict | None, vision_config, source=None) -> VL
 
 
 def build_processor(tokenizer, image_processor, chat_template: str | None = None) -> VLoRAProcessor:
-    """`chat_template="backbone"` keeps the tokenizer's own template (the processor inserts `<image>`)."""
-    template = chat_template if chat_template == "backbone" else resolve_chat_template(chat_template)
+    """chat_template "backbone": the tokenizer's own template, which the processor adapts itself."""
+    template = chat_template if chat_template == BACKBONE else resolve_chat_template(chat_template)
     return VLoRAProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
 
 
@@ -123,5 +123,4 @@ def build_model_and_processor(args: ModelArguments, rows_for_tokenizer=None, mul
     return from_configs(args, rows_for_tokenizer, multi_turn)
 
 
-__all__ = ["build_image_processor", "build_model_and_processor", "build_processor",
-           "resolve_chat_template"]
+__all__ = ["build_image_processor", "build_model_and_processor", "build_processor", "resolve_chat_template"]

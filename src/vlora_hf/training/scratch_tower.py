@@ -13,13 +13,13 @@ learns shape features slowly (the signal reaches it through the generator and th
   ends with the same tower.
 """
 
+import logging
 import time
 
 import torch
 from transformers import SchedulerType, get_scheduler
-from transformers.utils import logging
 
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def sincos_2d(grid: int, dim: int, with_cls: bool) -> torch.Tensor:
