@@ -55,10 +55,10 @@ class ImageSide(nn.Module):
 
 
 def image_key(image) -> str:
-    """Content hash of an image's pixels (a PIL image): the same picture in any file format, one adapter."""
-    rgb = image.convert("RGB")
-    h = hashlib.sha256(f"{rgb.size[0]}x{rgb.size[1]}:".encode())
-    h.update(rgb.tobytes())
+    """Content hash of a decoded image (PIL): the same pixels in any file format, one adapter. The mode is part of
+    the key, since transparency changes what the image processor makes of the same colour values."""
+    h = hashlib.sha256(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
+    h.update(image.tobytes())
     return h.hexdigest()[:32]
 
 

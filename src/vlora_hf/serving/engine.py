@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..processing.image_processing_vlora import load_image
 from .adapters import AdapterFactory, image_key, write_adapter
 from .export import cached_export
 from .plugin import TOKENIZER_MODE
@@ -118,7 +119,9 @@ class ServingCore:
 
     # ----- prompts ----------------------------------------------------------------------------------------
     def tokenize(self, image, prompt) -> Prompt:
-        """(image or None, question string or chat messages) -> the prompt vLLM runs."""
+        """(image or None, question string or chat messages) -> the prompt vLLM runs. The image may be anything
+        the processor reads (PIL, path, bytes, array; URLs under its remote-image policy)."""
+        image = None if image is None else load_image(image)
         if isinstance(prompt, str):
             content = [{"type": "text", "text": prompt}]
             messages = [{"role": "user", "content": ([{"type": "image"}] if image is not None else []) + content}]

@@ -13,7 +13,8 @@ import json
 import os
 from pathlib import Path
 
-from ..conversion.io import atomic_folder, iter_checkpoint, weight_files, write_safetensors_shards
+from ..atomic import atomic_folder
+from ..conversion.io import iter_checkpoint, weight_files, write_safetensors_shards
 from .plugin import MLP_DELTA_ARCH
 
 # Backbones whose vLLM decoder our `m` class extends (vLLM runs Mistral through its Llama code as well).
@@ -80,7 +81,7 @@ def export_for_vllm(model_dir, output, force: bool = False) -> Path:
     state = backbone_state(model_dir)
     if text["tie_word_embeddings"]:
         state.pop("lm_head.weight", None)
-    with atomic_folder(output, force=force) as tmp:
+    with atomic_folder(output, replace=force) as tmp:
         (tmp / "config.json").write_text(json.dumps(text, indent=2, sort_keys=True) + "\n")
         write_safetensors_shards(state, tmp)
         if processor is not None:

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 
-from ..processing.image_processing_vlora import open_image_file
-
-
-class ImageInputError(ValueError):
-    """An image the server refuses; the message names the problem (it becomes a 400 answer)."""
+from ..processing.image_processing_vlora import ImageInputError, fetch_url, load_image
 
 
 @dataclass
@@ -38,20 +32,9 @@ def decode_data_url(url: str, policy: ImagePolicy) -> bytes:
         raise ImageInputError(f"the image data URL is not valid base64: {err}") from None
 
 
-def fetch_url(url: str, policy: ImagePolicy) -> bytes:
-    """GET an http(s) image with the policy's timeout, reading at most `max_bytes` (more is refused)."""
-    try:
-        with urllib.request.urlopen(url, timeout=policy.fetch_timeout_s) as response:  # noqa: S310 - http(s) only
-            data = response.read(policy.max_bytes + 1)
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        raise ImageInputError(f"could not fetch the image at {url!r}: {err}") from None
-    if len(data) > policy.max_bytes:
-        raise ImageInputError(f"the image at {url!r} is larger than the server's cap of {policy.max_bytes} bytes")
-    return data
-
-
 def load_image_url(url, policy: ImagePolicy):
-    """An `image_url` value -> an RGB PIL image, or ImageInputError."""
+    """An `image_url` value -> a PIL image (upright, in its own mode: the image processor composites
+    transparency as it does for every source), or ImageInputError. Decoding is the processor's `load_image`."""
     if not isinstance(url, str) or not url:
         raise ImageInputError("image_url.url must be a non-empty string")
     if url.startswith("data:"):
@@ -60,11 +43,11 @@ def load_image_url(url, policy: ImagePolicy):
         if not policy.allow_url_fetch:
             raise ImageInputError("remote image URLs are refused by this server: send the image as a base64 data URL "
                                   "(or start the server with --allow-url-fetch)")
-        data = fetch_url(url, policy)
+        data = fetch_url(url, timeout=policy.fetch_timeout_s, max_bytes=policy.max_bytes, allow_remote=True)
     else:
         raise ImageInputError(f"unsupported image URL {url[:40]!r}: expected a base64 data URL (or http(s) with "
                               "--allow-url-fetch)")
     try:
-        return open_image_file(data, what="image_url").convert("RGB")
+        return load_image(data)
     except ValueError as err:
         raise ImageInputError(str(err)) from None
