@@ -19,7 +19,7 @@ from vlora_hf import VLoRAForCausalLM, demo_model_path  # noqa: E402
 from vlora_hf.data.shapes import heldout_samples  # noqa: E402
 from vlora_hf.processing import VLoRAProcessor  # noqa: E402
 from vlora_hf.serving.adapters import AdapterFactory, image_key, write_adapter  # noqa: E402
-from vlora_hf.training.data import user_message  # noqa: E402
+from vlora_hf.answering import user_message  # noqa: E402
 
 MAX_TOKENS = 16
 IN_FLIGHT = 4

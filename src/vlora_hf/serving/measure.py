@@ -69,7 +69,7 @@ def measure_answers(n: int, clients: int, max_tokens: int = 16) -> dict:
     from .. import VLoRAForCausalLM, demo_model_path
     from ..data.shapes import heldout_samples
     from ..processing import VLoRAProcessor
-    from ..training.data import user_message
+    from ..answering import user_message
 
     rows = [(s.image, q, a) for s in heldout_samples((n + 1) // 2) for q, a in s.qa][:n]
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,7 +113,7 @@ def fixture_rows(reference: Path, image_token_id: int):
 def demo_rows(processor, n: int):
     """n held-out shapes-vqa questions with their images, then two text-only prompts, left-padded."""
     from ..data.shapes import heldout_samples
-    from ..training.data import user_message
+    from ..answering import user_message
 
     samples = [(s.image, q) for s in heldout_samples(n) for q, _ in s.qa][:n]
     texts = [processor.apply_chat_template(user_message(q), add_generation_prompt=True, tokenize=False)
