@@ -171,7 +171,7 @@ def test_key_accounting_names_unused_and_unset_tensors(tmp_path, capsys):
     ckpt = tampered(tmp_path, drop=["model.layers.2.mlp.up_proj.weight", "model.mm_projector.gen.1.queries"],
                     add={"model.mm_projector.extra_scale": torch.ones(3), "mystery.weight": torch.ones(2)})
     out = tmp_path / "out"
-    assert convert_main(["--checkpoint", str(ckpt), "--output", str(out), "--vision-tower", str(TOWER)]) == 1
+    assert convert_main(["--checkpoint", str(ckpt), "--output", str(out), "--vision-tower", str(TOWER)]) == 2
     err = capsys.readouterr().err
     assert "key accounting failed" in err
     assert "2 release tensors not used by the conversion: ['model.mm_projector.extra_scale', 'mystery.weight']" in err
@@ -184,11 +184,11 @@ def test_key_accounting_names_unused_and_unset_tensors(tmp_path, capsys):
 @needs_fixture
 def test_shape_mismatch_and_bad_bs_are_reported(tmp_path, capsys):
     ckpt = tampered(tmp_path, replace={"model.norm.weight": torch.ones(65)})
-    assert convert_main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "o"), "--vision-tower", str(TOWER)]) == 1
+    assert convert_main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "o"), "--vision-tower", str(TOWER)]) == 2
     assert "model.norm.weight [65] -> model.language_model.norm.weight [64]" in capsys.readouterr().err
     shutil.rmtree(ckpt)
     ckpt = tampered(tmp_path, replace={"model.mm_projector.Bs": torch.zeros(1, 8, 512)})
-    assert convert_main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "o"), "--vision-tower", str(TOWER)]) == 1
+    assert convert_main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "o"), "--vision-tower", str(TOWER)]) == 2
     assert "model.mm_projector.Bs has shape [1, 8, 512], expected [1, 5*2, 64*8]" in capsys.readouterr().err
 
 
@@ -205,7 +205,7 @@ def test_release_config_disagreements_are_reported(tmp_path, capsys):
         ({"mm_vision_tower": "nowhere/tower"}, [], "`hf download nowhere/tower --local-dir DIR`) and pass --vision-tower DIR"),
     ):
         (ckpt / "config.json").write_text(json.dumps({**config, **change}))
-        assert convert_main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "o"), *extra]) == 1
+        assert convert_main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "o"), *extra]) == 2
         assert needle in capsys.readouterr().err
 
 
@@ -215,13 +215,13 @@ def test_non_empty_output_needs_force_and_failures_leave_it_intact(tmp_path, cap
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("old")
-    assert convert_main(["--checkpoint", str(CKPT), "--output", str(out)]) == 1
+    assert convert_main(["--checkpoint", str(CKPT), "--output", str(out)]) == 2
     assert "is not empty: pass --force" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     # a failing conversion with --force keeps the old folder and leaves no temp folder
     bad = tampered(tmp_path, drop=["lm_head.weight"])
     assert convert_main(["--checkpoint", str(bad), "--output", str(out), "--force",
-                         "--vision-tower", str(TOWER)]) == 1
+                         "--vision-tower", str(TOWER)]) == 2
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tampered"]
     assert convert_main(["--checkpoint", str(CKPT), "--output", str(out), "--force"]) == 0
@@ -352,7 +352,7 @@ def test_export_cli_round_trip(tmp_path, capsys):
     data = ModelCard.load(out / "README.md").data.to_dict()
     assert (data["license"], data["base_model"], data["library_name"]) == ("apache-2.0", "lmsys/vicuna-7b-v1.5",
                                                                            "transformers")
-    assert export_main([str(tmp_path / "run"), str(out)]) == 1
+    assert export_main([str(tmp_path / "run"), str(out)]) == 2
     assert "pass --force" in capsys.readouterr().err
 
 

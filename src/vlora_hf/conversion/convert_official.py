@@ -13,7 +13,6 @@ transformers recomputes them). The output is a complete Hub-ready folder, writte
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -22,7 +21,9 @@ from pathlib import Path
 import torch
 
 from .export import add_output_options
-from .io import DTYPES, ConversionError, atomic_folder, check_output, iter_checkpoint, weight_files, write_safetensors_shards
+from ..atomic import atomic_folder
+from .io import (DTYPES, ConversionError, check_output, iter_checkpoint, read_json, weight_files,
+                 write_safetensors_shards)
 
 # LlamaConfig fields the release's config.json carries (a LlamaConfig plus the VLoRA/LLaVA fields).
 LLAMA_FIELDS = (
@@ -44,7 +45,7 @@ def read_release_config(checkpoint: Path) -> dict:
     path = checkpoint / "config.json"
     if not path.is_file():
         raise ConversionError(f"{checkpoint} has no config.json: is it the release checkpoint folder?")
-    cfg = json.loads(path.read_text())
+    cfg = read_json(path)
     if cfg.get("mm_projector_type") != "vlora":
         raise ConversionError(
             f"{path}: mm_projector_type is {cfg.get('mm_projector_type')!r}, expected 'vlora' (a VLoRA release "
@@ -280,8 +281,6 @@ def build_processor(tower: Path | None, tokenizer_dir: Path | None, config):
     if tokenizer.pad_token is None and tokenizer.unk_token is not None:
         tokenizer.pad_token = tokenizer.unk_token  # what the release does for vicuna_v1
     tokenizer.chat_template = VICUNA_V1_TEMPLATE
-    # The processor's length check (and the image-text-to-text pipeline's) reads this: the LLM's real limit.
-    tokenizer.model_max_length = config.text_config.max_position_embeddings
     return VLoRAProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
@@ -342,7 +341,7 @@ def convert(
     state, ignored, from_tower = convert_state(checkpoint, tower, config, target_dtype)
     n_params = sum(t.numel() for t in state.values())
     model_id = model_id or f"your-name/{output.absolute().name}"
-    with atomic_folder(output, force=force) as tmp:
+    with atomic_folder(output, replace=force) as tmp:
         write_safetensors_shards(state, tmp, max_shard_size)
         del state
         save_config_and_code(config, tmp)
@@ -383,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                       model_id=args.model_id or args.push_to_hub, base_model=args.base_model, license=args.license)
     except (ValueError, OSError) as err:
         print(f"vlora-hf convert: error: {err}", file=sys.stderr)
-        return 1
+        return 2
     if args.push_to_hub:
         from .push import main as push_main
 

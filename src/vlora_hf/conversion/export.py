@@ -12,7 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from .io import DTYPES, atomic_folder
+from ..atomic import atomic_folder
+from .io import DTYPES, check_output
 from .model_card import build_model_card, check_card
 
 REQUIRED_FILES = ("config.json", "generation_config.json", "README.md", "preprocessor_config.json")
@@ -37,6 +38,8 @@ def save_processor(processor, folder: Path, config) -> bool:
                 f"the processor's {processor.image_token!r} token has id {token_id} but config.image_token_id is "
                 f"{config.image_token_id}: the model would not find its images"
             )
+        # The processor's length check (and the image-text-to-text pipeline's) reads this: the LLM's real limit.
+        processor.tokenizer.model_max_length = int(config.text_config.max_position_embeddings)
         processor.save_pretrained(folder)
         # transformers 5 nests the image processor in processor_config.json; keep the standalone file as well
         # (AutoImageProcessor, older readers and Hub tooling look for preprocessor_config.json).
@@ -97,12 +100,14 @@ def export_folder(
     tags: list[str] | None = None,
     source: str | None = None,
     notes: list[str] | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write `model` (a VLoRAForCausalLM) + `processor` as a complete Hub-ready folder, atomically.
 
     `processor`: a VLoRAProcessor, an image processor alone (the tokenizer is reported missing) or None (a
     default `pad` image processor sized for the tower). `dtype`: "float32" / "bfloat16" / "float16" to cast the
-    saved weights (the model passed in is left untouched). Returns the output folder.
+    saved weights (the model passed in is left untouched). `extra_files`: {name: text} written into the folder
+    too, inside the same atomic write. Returns the output folder.
     """
     out_dir = Path(out_dir)
     model_id = model_id or f"your-name/{out_dir.absolute().name}"
@@ -114,7 +119,8 @@ def export_folder(
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         state_dict = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
     try:
-        with atomic_folder(out_dir, force=force) as tmp:
+        check_output(out_dir, force)
+        with atomic_folder(out_dir, replace=force) as tmp:
             if dtype is not None:
                 config.dtype = DTYPES[dtype]
             model.save_pretrained(tmp, max_shard_size=max_shard_size, state_dict=state_dict)
@@ -124,6 +130,8 @@ def export_folder(
             n_params = sum(p.numel() for p in model.parameters())
             write_card(tmp, config, model_id=model_id, base_model=base_model, license=license, tags=tags,
                        source=source, has_tokenizer=has_tokenizer, num_parameters=n_params, notes=notes)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
             check_folder(tmp)
     finally:
         if dtype is not None:
@@ -179,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ValueError, OSError) as err:
         print(f"vlora-hf export: error: {err}", file=sys.stderr)
-        return 1
+        return 2
     print(f"exported to {out}")
     if args.push_to_hub:
         from .push import main as push_main

@@ -1,19 +1,17 @@
-"""Reading checkpoints (safetensors / PyTorch .bin, single or sharded) and writing Hub folders atomically."""
+"""Reading checkpoints (safetensors / PyTorch .bin, single or sharded) and writing their shards."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
 
+from ..atomic import recover
 from ..dtypes import DTYPES  # noqa: F401 - the conversion modules take it from here
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -25,13 +23,24 @@ class ConversionError(ValueError):
 
 
 # ----- reading -----------------------------------------------------------------------------------------------
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; ConversionError naming the file when it is unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConversionError(f"{path} is not a readable JSON file: {err}") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} holds a JSON {type(data).__name__}, expected an object")
+    return data
+
+
 def weight_files(folder: str | os.PathLike) -> list[Path]:
     """The weight files of a checkpoint folder, in index order: safetensors first, then PyTorch .bin."""
     folder = Path(folder)
     for index_name in (SAFE_INDEX, BIN_INDEX):
         index = folder / index_name
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map")
+            weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ConversionError(f"{index} has no 'weight_map'")
             names = sorted(set(weight_map.values()))
@@ -51,15 +60,21 @@ def weight_files(folder: str | os.PathLike) -> list[Path]:
 def load_file(path: Path) -> dict[str, torch.Tensor]:
     """One weight file -> tensors. Pickled .bin files are read with `weights_only=True` (no code execution)."""
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file as load_safetensors
 
-        return load_safetensors(str(path))
+        try:
+            return load_safetensors(str(path))
+        except (SafetensorError, OSError) as err:
+            raise ConversionError(f"cannot read {path}: truncated or not a safetensors file ({err})") from None
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # old (non-zip) serialisation cannot be memory-mapped
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # old (non-zip) serialisation cannot be memory-mapped
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - weights_only refuses arbitrary pickles with UnpicklingError
-        raise ConversionError(f"cannot read {path} safely (torch.load weights_only=True): {err}") from err
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConversionError(f"cannot read {path} safely (torch.load weights_only=True): {reason}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConversionError(f"{path} does not hold a flat state dict of tensors")
     return state
@@ -108,48 +123,13 @@ def write_safetensors_shards(state: dict[str, torch.Tensor], folder: Path, max_s
 
 
 def check_output(output: str | os.PathLike, force: bool) -> Path:
-    """Refuse a non-empty output folder unless `force`; a file in the way is always refused."""
+    """Recover an interrupted earlier write, then refuse a non-empty output folder unless `force` (a file in the
+    way is always refused)."""
     output = Path(output).absolute()
+    recover(output)
     if output.exists():
         if not output.is_dir():
             raise ConversionError(f"--output {output} exists and is not a folder")
         if any(output.iterdir()) and not force:
             raise ConversionError(f"--output {output} is not empty: pass --force to replace it")
     return output
-
-
-def _normal_permissions(folder: Path) -> None:
-    """mkdtemp makes 0700 folders and some writers 0600 files: give the result the usual umask permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for root, dirs, files in os.walk(folder):
-        os.chmod(root, 0o777 & ~umask)
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~umask)
-
-
-@contextlib.contextmanager
-def atomic_folder(output: str | os.PathLike, force: bool = False):
-    """Yield a temp folder next to `output`; on success it replaces `output` in one rename, else it vanishes."""
-    output = check_output(output, force)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
-        yield tmp
-        _normal_permissions(tmp)
-        check_output(output, force)  # nobody filled it meanwhile
-        old = None
-        if output.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            os.rename(output, old / "folder")
-        try:
-            os.rename(tmp, output)
-        except OSError:
-            if old is not None:
-                os.rename(old / "folder", output)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

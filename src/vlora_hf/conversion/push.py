@@ -1,8 +1,11 @@
 """Upload a Hub-ready folder with huggingface_hub (`vlora-hf push DIR REPO_ID`).
 
-Refuses folders holding pickles (*.bin, *.pt, *.pth, *.pkl, *.pickle, *.ckpt) or secret-looking files (.env,
-token files, keys, credentials, or text that looks like a Hugging Face token), checks the model card's metadata,
-then runs create_repo + upload_folder and prints the commit URL. `--endpoint` (or HF_ENDPOINT) picks the server.
+Uploads every file of the folder except cache folders (.cache, .git, __pycache__, .ipynb_checkpoints). Before the
+first request it refuses pickles (*.bin, *.pt, *.pth, *.pkl, *.pickle, *.ckpt), secret-looking file names (.env,
+token files, keys, credentials) and any file holding a token-like string (Hugging Face, GitHub, AWS, Google keys,
+private-key blocks; safetensors files by their header and metadata), and checks the model card's metadata. Then it
+creates the repo, commits exactly the checked files and prints the commit URL. `--endpoint` (or HF_ENDPOINT) picks
+the server.
 """
 
 from __future__ import annotations
@@ -17,8 +20,17 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 SECRET_NAMES = {"token", "hf_token", "api_token", "access_token", ".netrc", ".git-credentials", "credentials",
                 "credentials.json", "id_rsa", "id_ed25519", "id_ecdsa", ".npmrc", ".pypirc", "stored_tokens"}
 SECRET_SUFFIXES = (".token", ".pem", ".key", ".p12", ".pfx")
-TOKEN_PATTERN = re.compile(rb"hf_[A-Za-z0-9]{30,}")
-SCAN_LIMIT = 1_000_000  # text files up to this size are scanned for token-looking strings
+SKIPPED_FOLDERS = {".cache", ".git", "__pycache__", ".ipynb_checkpoints"}
+TOKEN_PATTERNS = {
+    "a Hugging Face token": rb"hf_[A-Za-z0-9]{30,}",
+    "a GitHub token": rb"(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})",
+    "an AWS access key": rb"(?:AKIA|ASIA)[0-9A-Z]{16}",
+    "a Google API key": rb"AIza[0-9A-Za-z_-]{35}",
+    "a private key": rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----",
+}
+TOKEN_PATTERN = re.compile(b"|".join(b"(?P<p%d>%s)" % (i, p) for i, p in enumerate(TOKEN_PATTERNS.values())))
+CHUNK, OVERLAP = 1 << 20, 256  # files are scanned in chunks that overlap by more than a token's length
+MAX_SAFETENSORS_HEADER = 100 * 2**20
 
 
 class PushError(ValueError):
@@ -36,22 +48,62 @@ def is_secret_name(name: str) -> bool:
     )
 
 
+def _first_token(data: bytes) -> str | None:
+    match = TOKEN_PATTERN.search(data)
+    if match is None:
+        return None
+    return list(TOKEN_PATTERNS)[int(match.lastgroup[1:])]
+
+
+def _safetensors_header(path: Path) -> bytes | None:
+    """The JSON header (tensor table and metadata) of a valid safetensors file, else None."""
+    with path.open("rb") as f:
+        raw = f.read(8)
+        size = int.from_bytes(raw, "little") if len(raw) == 8 else 0
+        if not 2 <= size <= min(MAX_SAFETENSORS_HEADER, path.stat().st_size - 8):
+            return None
+        header = f.read(size)
+    return header if header.lstrip().startswith(b"{") else None
+
+
+def find_token(path: Path) -> str | None:
+    """What kind of token-like string `path` holds (None: none). A safetensors file is scanned by its header, the
+    only place text lives in it; any other file (a misnamed one included) byte by byte."""
+    if path.suffix.lower() == ".safetensors":
+        header = _safetensors_header(path)
+        if header is not None:
+            return _first_token(header)
+    tail = b""
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            found = _first_token(tail + chunk)
+            if found:
+                return found
+            tail = chunk[-OVERLAP:]
+    return None
+
+
+def upload_files(folder: Path) -> list[Path]:
+    """The files an upload of `folder` sends: all of them, cache folders left out."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and not SKIPPED_FOLDERS.intersection(p.relative_to(folder).parts[:-1]))
+
+
 def check_folder(folder: Path) -> list[Path]:
     """Every file to upload; PushError naming pickles, secret-looking files or a bad model card."""
     from .model_card import check_card
 
     if not folder.is_dir():
         raise PushError(f"{folder} is not a folder")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.relative_to(folder).parts)
+    files = upload_files(folder)
     if not files:
         raise PushError(f"{folder} is empty")
     pickles = [str(p.relative_to(folder)) for p in files if p.suffix.lower() in PICKLE_SUFFIXES]
     secrets = [str(p.relative_to(folder)) for p in files if is_secret_name(p.name)]
     for p in files:
-        if p.suffix.lower() in (".safetensors",) or p.stat().st_size > SCAN_LIMIT:
-            continue
-        if TOKEN_PATTERN.search(p.read_bytes()) and str(p.relative_to(folder)) not in secrets:
-            secrets.append(f"{p.relative_to(folder)} (holds a string that looks like a Hugging Face token)")
+        found = find_token(p) if str(p.relative_to(folder)) not in secrets else None
+        if found:
+            secrets.append(f"{p.relative_to(folder)} (holds a string that looks like {found})")
     problems = []
     if pickles:
         problems.append(f"pickle files {pickles} (they can run code when loaded: convert them to safetensors)")
@@ -77,8 +129,10 @@ def push_folder(
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import OfflineModeIsEnabled
 
+    from huggingface_hub import CommitOperationAdd
+
     folder = Path(folder)
-    check_folder(folder)
+    files = check_folder(folder)
     offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"} or constants.HF_HUB_OFFLINE
     if offline:
         raise PushError("HF_HUB_OFFLINE=1 is set: uploading needs the network; unset HF_HUB_OFFLINE to push")
@@ -87,9 +141,12 @@ def push_folder(
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-        return api.upload_folder(
+        # Exactly the checked files: upload_folder would pick its own set.
+        operations = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
+                      for p in files]
+        return api.create_commit(
             repo_id=repo_id,
-            folder_path=str(folder),
+            operations=operations,
             revision=revision,
             repo_type="model",
             commit_message=commit_message or f"Upload VLoRA model ({folder.name})",

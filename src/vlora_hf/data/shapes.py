@@ -30,13 +30,13 @@ import argparse
 import json
 import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from ..atomic import atomic_folder
 
 IMAGE_SIZE = 64
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -260,9 +260,7 @@ def make_dataset(out: str | os.PathLike, n: int, seed: int = 0, eval_n: int = 0,
         raise ValueError(f"make-shapes: --n must be >= 1, got {n}")
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"make-shapes: output {out} already exists and is not empty (pass --overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out, replace=overwrite) as tmp:
         write_split(tmp, n, seed, "train")
         if eval_n:
             write_split(tmp, eval_n, seed, "eval")
@@ -271,12 +269,6 @@ def make_dataset(out: str | os.PathLike, n: int, seed: int = 0, eval_n: int = 0,
             + (f", {eval_n} held-out images ({EVAL_FILE}, {2 * eval_n} records)" if eval_n else "")
             + ". Drawn by `vlora-hf make-shapes`.\n"
         )
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out / TRAIN_FILE
 
 

@@ -6,36 +6,73 @@ exactly like the release's ``expand2square``; then the tower's resize / centre c
 run as in transformers' ``CLIPImageProcessorPil`` (CLIP towers) or ``SiglipImageProcessorPil`` (SigLIP towers:
 pass ``size={"height": S, "width": S}``, ``do_center_crop=False``, mean/std 0.5), on the PIL backend.
 
-Inputs: PIL images of any mode (transparency is composited over the mean colour; L/LA/P/CMYK/I;16/I/F
-are converted to 8-bit RGB), NumPy arrays and torch tensors (HW, HWC or CHW; uint8, other integer types or
-float in [0, 1] / [0, 255]), file paths, raw bytes and URLs (through ``transformers.image_utils.load_image``).
-Corrupt or truncated files and decompression bombs (Pillow's ``Image.MAX_IMAGE_PIXELS`` guard) raise a
-``ValueError`` naming the problem.
+Every source (file path, URL, ``data:`` URL, bytes, file object, PIL image, NumPy array, torch tensor) goes
+through one decode path, :func:`load_image`:
 
+- EXIF orientation is applied for every source (the image is read upright, as a viewer shows it);
+- transparency is composited over the mean colour; L/LA/P/CMYK/I;16/I/F become 8-bit RGB;
+- arrays and tensors (HW, HWC or CHW) are read by dtype: ``uint8`` 0-255, ``uint16`` 0-65535, other integers
+  0-255, ``bool`` 0-1, floats 0-1; ``array_range=(low, high)`` says otherwise (e.g. ``(-1, 1)``, ``(0, 255)``).
+  A value outside the range is an error naming the range found, never a silent rescale or clip;
+- remote URLs are fetched with a timeout, a size cap (:data:`MAX_FETCH_BYTES`) and at most
+  :data:`MAX_REDIRECTS` checked redirects; ``allow_remote_images=False`` or the environment variable
+  ``VLORA_HF_REMOTE_IMAGES=0`` refuses them (for servers, see :func:`remote_images_allowed`);
+- decoding is bounded by Pillow's ``Image.MAX_IMAGE_PIXELS`` and no canvas (padding, resizing) is larger than
+  :data:`MAX_CANVAS_SIDE` squared pixels: very large or very elongated images are shrunk first.
+
+Every problem raises :class:`ImageInputError` (a ``ValueError``) naming the image and the problem.
 This file imports only third-party libraries, so it can ship flat as remote code.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import os
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 import warnings
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers import CLIPImageProcessorPil
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.processing_utils import ImagesKwargs
 
 IMAGE_ASPECT_RATIOS = ("pad", "square")
+REMOTE_IMAGES_ENV = "VLORA_HF_REMOTE_IMAGES"
+FETCH_TIMEOUT = 10.0  # seconds for a whole URL fetch
+MAX_FETCH_BYTES = 32 * 2**20
+MAX_REDIRECTS = 3
+MAX_CANVAS_SIDE = 4096  # 4096 x 4096 RGB = 48 MiB: the largest canvas padding or resizing may allocate
+_EXIF_ORIENTATION = 0x0112
+
+
+class ImageInputError(ValueError):
+    """An image that cannot be read as given (the message names the image and the problem)."""
 
 
 class VLoRAImageProcessorKwargs(ImagesKwargs, total=False):
     """``image_aspect_ratio``: ``"pad"`` (square padding with the mean colour, the release's VLoRA setting)
-    or ``"square"`` (no padding: the tower's resize/centre crop only)."""
+    or ``"square"`` (no padding: the tower's resize/centre crop only). ``array_range``: the (low, high) values
+    of array/tensor images (default: by dtype). ``allow_remote_images``: False refuses http(s) URLs.
+    ``image_fetch_timeout``: seconds for fetching one URL (default :data:`FETCH_TIMEOUT`)."""
 
     image_aspect_ratio: str
+    array_range: tuple[float, float] | list[float] | None
+    allow_remote_images: bool | None
+    image_fetch_timeout: float | int | None
+
+
+def remote_images_allowed(allow: bool | None = None) -> bool:
+    """Whether http(s) image URLs may be fetched: never when ``allow`` is False or the environment sets
+    ``VLORA_HF_REMOTE_IMAGES=0`` (also "false", "no", "off"); the environment wins over ``allow=True``,
+    so a server can turn fetching off for every processor it builds."""
+    refused = os.environ.get(REMOTE_IMAGES_ENV, "1").strip().lower() in ("0", "false", "no", "off")
+    return not refused and allow is not False
 
 
 def expand2square(pil_img: Image.Image, background_color) -> Image.Image:
@@ -61,6 +98,80 @@ def _mean_color(image_mean) -> tuple[int, int, int]:
     return tuple(int(x * 255) for x in mean[:3])
 
 
+# ----- fetching ------------------------------------------------------------------------------------------------
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None  # the 3xx surfaces as an HTTPError: `fetch_url` follows it after checking the target
+
+
+def _read_capped(response, url: str, max_bytes: int, deadline: float) -> bytes:
+    length = response.headers.get("Content-Length")
+    if length and length.isdigit() and int(length) > max_bytes:
+        raise ImageInputError(f"Image URL {url!r} announces {int(length)} bytes, more than the {max_bytes}-byte limit.")
+    chunks, total = [], 0
+    while chunk := response.read1(1 << 16):
+        total += len(chunk)
+        if total > max_bytes:
+            raise ImageInputError(f"Image URL {url!r} sent more than the {max_bytes}-byte limit.")
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def fetch_url(url: str, *, timeout: float | None = None, max_bytes: int | None = None,
+              allow_remote: bool | None = None) -> bytes:
+    """GET an http(s) image URL within ``timeout`` seconds in all and ``max_bytes``, following at most
+    :data:`MAX_REDIRECTS` redirects, each to an http(s) URL and never from https down to http. Every failure is an
+    :class:`ImageInputError` naming the URL; a refused fetch (see :func:`remote_images_allowed`) sends nothing."""
+    if not remote_images_allowed(allow_remote):
+        raise ImageInputError(
+            f"Refusing to fetch image URL {url!r}: remote images are turned off (allow_remote_images=False or "
+            f"{REMOTE_IMAGES_ENV}=0). Pass the image as a file, bytes or an array instead."
+        )
+    timeout = FETCH_TIMEOUT if timeout is None else float(timeout)
+    max_bytes = MAX_FETCH_BYTES if max_bytes is None else int(max_bytes)
+    deadline = time.monotonic() + timeout
+    opener = urllib.request.build_opener(_NoRedirects)
+    current = url
+    for _ in range(MAX_REDIRECTS + 1):
+        parts = urllib.parse.urlsplit(current)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ImageInputError(f"Image URL {url!r} leads to {current!r}, which is not an http(s) URL.")
+        try:
+            request = urllib.request.Request(current, headers={"User-Agent": "vlora-hf"})
+            with opener.open(request, timeout=max(deadline - time.monotonic(), 0.001)) as response:
+                return _read_capped(response, url, max_bytes, deadline)
+        except urllib.error.HTTPError as err:
+            err.close()
+            location = err.headers.get("Location") if err.code in (301, 302, 303, 307, 308) else None
+            if not location:
+                raise ImageInputError(f"Could not fetch image URL {url!r}: HTTP {err.code} {err.reason}.") from None
+            target = urllib.parse.urljoin(current, location)
+            if parts.scheme == "https" and target.lower().startswith("http:"):
+                raise ImageInputError(f"Image URL {url!r} redirects from https down to http ({target!r}).") from None
+            current = target
+        except (TimeoutError, urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            if isinstance(reason, TimeoutError) or isinstance(err, TimeoutError):
+                raise ImageInputError(f"Fetching image URL {url!r} timed out after {timeout:g} s.") from None
+            raise ImageInputError(f"Could not fetch image URL {url!r}: {reason}.") from None
+    raise ImageInputError(f"Image URL {url!r} redirects more than {MAX_REDIRECTS} times.")
+
+
+def _data_url_bytes(url: str) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep:
+        raise ImageInputError(f"Malformed data URL {url[:40]!r}...: no ',' before the data.")
+    try:
+        if header.endswith(";base64"):
+            return base64.b64decode(payload, validate=True)
+        return urllib.parse.unquote_to_bytes(payload)
+    except ValueError as err:
+        raise ImageInputError(f"Malformed data URL {url[:40]!r}...: {err}.") from None
+
+
+# ----- decoding ------------------------------------------------------------------------------------------------
 def open_image_file(source, *, what: str | None = None) -> Image.Image:
     """Open and fully decode an image from a path, bytes or a file object, with clear errors."""
     name = what or (str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__)
@@ -68,7 +179,7 @@ def open_image_file(source, *, what: str | None = None) -> Image.Image:
         source = io.BytesIO(bytes(source))
     elif isinstance(source, (str, os.PathLike)):
         if not os.path.isfile(source):
-            raise ValueError(f"Image file not found: {name!r}")
+            raise ImageInputError(f"Image file not found: {name!r}")
     try:
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; treat both as the same guard.
@@ -76,20 +187,58 @@ def open_image_file(source, *, what: str | None = None) -> Image.Image:
             image = Image.open(source)
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ValueError(
+        raise ImageInputError(
             f"Image {name!r} is too large to decode safely (Pillow's decompression-bomb guard, "
             f"Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}): {err}. Raise PIL.Image.MAX_IMAGE_PIXELS if the "
             "image is trusted."
         ) from None
     except UnidentifiedImageError as err:
-        raise ValueError(f"Could not read image {name!r}: not a recognised image format ({err}).") from None
+        raise ImageInputError(f"Could not read image {name!r}: not a recognised image format ({err}).") from None
     except (OSError, SyntaxError, EOFError, ValueError) as err:
-        raise ValueError(f"Could not decode image {name!r}: the file is truncated or corrupt ({err}).") from None
+        raise ImageInputError(f"Could not decode image {name!r}: the file is truncated or corrupt ({err}).") from None
     return image
 
 
-def _array_to_pil(array: np.ndarray, channels_first_hint: bool) -> Image.Image:
-    """HW / HWC / CHW array (any numeric dtype) -> PIL image (L, LA, RGB or RGBA, 8 bit)."""
+def _default_range(dtype: np.dtype) -> tuple[float, float]:
+    if dtype == np.bool_:
+        return 0.0, 1.0
+    if dtype.kind == "u" and dtype.itemsize == 2:
+        return 0.0, 65535.0
+    if dtype.kind in "iu":
+        return 0.0, 255.0
+    if dtype.kind == "f":
+        return 0.0, 1.0
+    raise ImageInputError(f"Image arrays of dtype {dtype} are not supported: give integers, bool or real floats.")
+
+
+def _to_uint8(arr: np.ndarray, array_range=None) -> np.ndarray:
+    """Map ``array_range`` (default: by dtype) onto 0-255; values outside it are an error naming both ranges."""
+    if array_range is None:
+        low, high = _default_range(arr.dtype)
+        expected = f"{arr.dtype} images"
+    else:
+        _default_range(arr.dtype)  # the dtype must be a real number type either way
+        low, high = (float(x) for x in array_range)
+        if not (np.isfinite([low, high]).all() and low < high):
+            raise ImageInputError(f"array_range={tuple(array_range)} must be two finite numbers, low < high.")
+        expected = f"array_range=({low:g}, {high:g})"
+    if arr.dtype == np.uint8 and (low, high) == (0.0, 255.0):
+        return arr
+    values = arr.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise ImageInputError("Image array contains NaN or infinite values.")
+    found_low, found_high = float(values.min()), float(values.max())
+    if found_low < low or found_high > high:
+        raise ImageInputError(
+            f"Image array values span [{found_low:g}, {found_high:g}], outside the range [{low:g}, {high:g}] "
+            f"expected for {expected}. Pass array_range=(low, high) to say how to read them, e.g. (0, 255) for "
+            "floats in 0-255 or (-1, 1) for normalised values."
+        )
+    return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def _array_to_pil(array: np.ndarray, channels_first_hint: bool, array_range=None) -> Image.Image:
+    """HW / HWC / CHW array (any real dtype) -> PIL image (L, LA, RGB or RGBA, 8 bit)."""
     arr = np.asarray(array)
     if arr.ndim == 3 and arr.shape[0] == 1 and arr.shape[-1] not in (1, 2, 3, 4):
         arr = arr[0]
@@ -102,88 +251,113 @@ def _array_to_pil(array: np.ndarray, channels_first_hint: bool) -> Image.Image:
         else:
             chw = first_ok
         if not (first_ok or last_ok):
-            raise ValueError(
-                f"Cannot interpret an image array of shape {tuple(arr.shape)}: expected HW, HWC or CHW with 1-4 channels."
+            raise ImageInputError(
+                f"Cannot interpret an image array of shape {tuple(arr.shape)}: expected HW, HWC or CHW with 1-4 "
+                "channels."
             )
         if chw:
             arr = np.moveaxis(arr, 0, -1)
         if arr.shape[-1] == 1:
             arr = arr[..., 0]
     elif arr.ndim != 2:
-        raise ValueError(
+        raise ImageInputError(
             f"Cannot interpret an image array of shape {tuple(arr.shape)}: expected HW, HWC or CHW (one image)."
         )
     if arr.size == 0 or min(arr.shape[:2]) == 0:
-        raise ValueError(f"Empty image (shape {tuple(np.asarray(array).shape)}).")
-    if arr.dtype == np.bool_:
-        arr = arr.astype(np.uint8) * 255
-    elif np.issubdtype(arr.dtype, np.floating):
-        if not np.isfinite(arr).all():
-            raise ValueError("Image array contains NaN or infinite values.")
-        scale = 255.0 if arr.max(initial=0.0) <= 1.0 and arr.min(initial=0.0) >= 0.0 else 1.0
-        arr = np.clip(np.rint(arr.astype(np.float64) * scale), 0, 255).astype(np.uint8)
-    elif arr.dtype != np.uint8:
-        arr = arr.astype(np.int64)
-        if arr.max(initial=0) > 255:  # 16-bit data
-            arr = np.rint(np.clip(arr, 0, 65535) / 257.0)
-        arr = np.clip(arr, 0, 255).astype(np.uint8)
-    mode = {2: "L", 3: None}.get(arr.ndim)
-    if arr.ndim == 3:
-        mode = {2: "LA", 3: "RGB", 4: "RGBA"}[arr.shape[-1]]
+        raise ImageInputError(f"Empty image (shape {tuple(np.asarray(array).shape)}).")
+    arr = _to_uint8(arr, array_range)
+    mode = "L" if arr.ndim == 2 else {2: "LA", 3: "RGB", 4: "RGBA"}[arr.shape[-1]]
     return Image.fromarray(np.ascontiguousarray(arr), mode=mode)
 
 
-def to_rgb_pil(image: Any, background=(0, 0, 0)) -> Image.Image:
-    """Any supported image input -> 8-bit RGB PIL image; transparency composited over ``background``."""
-    if isinstance(image, (str, os.PathLike)):
-        s = str(image)
-        if s.startswith("http://") or s.startswith("https://") or s.startswith("data:image/"):
-            from transformers.image_utils import load_image
+def _tensor_to_numpy(tensor) -> np.ndarray:
+    tensor = tensor.detach().cpu()
+    if str(tensor.dtype) in ("torch.bfloat16", "torch.float16"):
+        tensor = tensor.float()
+    return tensor.numpy()
 
-            image = load_image(s)
-        else:
-            image = open_image_file(image)
-    elif isinstance(image, (bytes, bytearray, memoryview)) or (hasattr(image, "read") and not isinstance(image, Image.Image)):
-        image = open_image_file(image, what="<bytes>")
-    elif not isinstance(image, Image.Image):
-        channels_first = False
-        if type(image).__module__.startswith("torch"):
-            channels_first = True
-            image = image.detach().cpu()
-            if str(image.dtype) in ("torch.bfloat16", "torch.float16"):
-                image = image.float()
-            image = image.numpy()
-        if isinstance(image, np.ndarray):
-            image = _array_to_pil(image, channels_first)
-        else:
-            raise ValueError(
-                f"Unsupported image type {type(image).__name__}: expected a PIL image, a NumPy array, a torch tensor, "
-                "a file path, a URL or bytes."
-            )
 
+def load_image(source: Any, *, allow_remote: bool | None = None, timeout: float | None = None,
+               array_range=None) -> Image.Image:
+    """The one decode path for every image source -> a PIL image in its own mode, upright.
+
+    ``source``: a PIL image, a file path, an http(s) URL (see :func:`fetch_url`), a ``data:`` URL, bytes, a
+    binary file object, a NumPy array or a torch tensor (read as described in the module docstring). EXIF
+    orientation is applied whatever the source, so a file, its bytes, its URL and ``Image.open(file)`` give the
+    same pixels.
+    """
+    if isinstance(source, Image.Image):
+        image = source
+    elif isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        scheme = text[:8].lower() if isinstance(text, str) else ""
+        if scheme.startswith(("http://", "https://")):
+            image = open_image_file(fetch_url(text, timeout=timeout, allow_remote=allow_remote), what=text)
+        elif scheme.startswith("data:"):
+            image = open_image_file(_data_url_bytes(text), what=f"{text[:40]}...")
+        else:
+            image = open_image_file(source)
+    elif isinstance(source, (bytes, bytearray, memoryview)) or hasattr(source, "read"):
+        image = open_image_file(source, what="<bytes>")
+    elif type(source).__module__.startswith("torch"):
+        image = _array_to_pil(_tensor_to_numpy(source), True, array_range)
+    elif isinstance(source, np.ndarray):
+        image = _array_to_pil(source, False, array_range)
+    else:
+        raise ImageInputError(
+            f"Unsupported image type {type(source).__name__}: expected a PIL image, a NumPy array, a torch tensor, "
+            "a file path, a URL or bytes."
+        )
     if image.width == 0 or image.height == 0:
-        raise ValueError(f"Empty image (size {image.size}).")
+        raise ImageInputError(f"Empty image (size {image.size}).")
+    if image.getexif().get(_EXIF_ORIENTATION, 1) not in (1, None):
+        image = ImageOps.exif_transpose(image)
+    return image
+
+
+def to_rgb_pil(image: Any, background=(0, 0, 0), array_range=None, **load_kwargs) -> Image.Image:
+    """Any supported image input -> 8-bit RGB PIL image; transparency composited over ``background``.
+
+    PIL ``I;16`` and ``I`` images are read as 16-bit (0-65535) and ``F`` images as floats (0-1) unless
+    ``array_range`` says otherwise.
+    """
+    image = load_image(image, array_range=array_range, **load_kwargs)
     mode = image.mode
-    bg = tuple(int(c) for c in background)
     if mode == "RGB":
         return image
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+    if mode.startswith("I") or mode == "F":
         arr = np.asarray(image)
-        if mode == "F":
-            return _array_to_pil(arr.astype(np.float32), False).convert("RGB")
-        arr = arr.astype(np.int64)
-        if mode.startswith("I;16") or arr.max(initial=0) > 255:
-            arr = np.rint(np.clip(arr, 0, 65535) / 257.0)
-        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L").convert("RGB")
+        if mode != "F" and array_range is None:
+            array_range = (0, 65535)
+        return Image.fromarray(_to_uint8(arr, array_range), mode="L").convert("RGB")
     has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
     if has_alpha:
         rgba = image.convert("RGBA")
-        base = Image.new("RGBA", rgba.size, bg + (255,))
+        base = Image.new("RGBA", rgba.size, tuple(int(c) for c in background) + (255,))
         return Image.alpha_composite(base, rgba).convert("RGB")
     try:
         return image.convert("RGB")
     except (ValueError, OSError) as err:
-        raise ValueError(f"Cannot convert a PIL image of mode {mode!r} to RGB: {err}") from None
+        raise ImageInputError(f"Cannot convert a PIL image of mode {mode!r} to RGB: {err}") from None
+
+
+def fit_canvas(image: Image.Image, image_aspect_ratio: str, size) -> Image.Image:
+    """Shrink (or, for a shortest-edge resize without padding, centre-crop) an image so that neither the square
+    padding nor the tower's resize allocates more than ``MAX_CANVAS_SIDE`` squared pixels. Images within the
+    bound are returned untouched, so their pixels stay exactly the release's."""
+    shortest = size.get("shortest_edge") if size is not None else None
+    width, height = image.size
+    if image_aspect_ratio == "square" and shortest:
+        max_ratio = MAX_CANVAS_SIDE / shortest  # the resize makes the long side `shortest * ratio`
+        if max(width, height) > max_ratio * min(width, height):
+            keep = max(1, int(min(width, height) * max_ratio))  # the centre crop keeps the middle anyway
+            left, top = (width - keep) // 2 if width > height else 0, (height - keep) // 2 if height > width else 0
+            image = image.crop((left, top, left + min(keep, width), top + min(keep, height)))
+            width, height = image.size
+    if max(width, height) > MAX_CANVAS_SIDE:
+        scale = MAX_CANVAS_SIDE / max(width, height)
+        image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BICUBIC)
+    return image
 
 
 def _flatten_images(images) -> list:
@@ -204,6 +378,8 @@ class VLoRAImageProcessor(CLIPImageProcessorPil):
 
     Defaults are CLIP ViT-L/14-336's (``size={"shortest_edge": 336}``, ``crop_size=336``, OpenAI mean/std,
     bicubic); build one from a tower's ``preprocessor_config.json`` with :meth:`from_tower_preprocessor`.
+    ``allow_remote_images=False`` (here or per call) refuses http(s) image URLs; ``array_range`` and
+    ``image_fetch_timeout`` are described in the module docstring.
     """
 
     valid_kwargs = VLoRAImageProcessorKwargs
@@ -213,6 +389,9 @@ class VLoRAImageProcessor(CLIPImageProcessorPil):
     size = {"shortest_edge": 336}
     crop_size = {"height": 336, "width": 336}
     image_aspect_ratio = "pad"
+    array_range = None
+    allow_remote_images = None
+    image_fetch_timeout = None
 
     def __init__(self, **kwargs):
         aspect = kwargs.get("image_aspect_ratio")
@@ -244,48 +423,40 @@ class VLoRAImageProcessor(CLIPImageProcessorPil):
         kwargs.update(overrides)
         return cls(**kwargs)
 
-    def load_image(self, source):
-        """Decode a path, URL or bytes into a PIL image (clear ``ValueError`` on corrupt files and
-        decompression bombs); PIL images, arrays and tensors are returned unchanged."""
-        if isinstance(source, (str, os.PathLike)):
-            s = str(source)
-            if s.startswith(("http://", "https://", "data:image/")):
-                from transformers.image_utils import load_image
-
-                return load_image(s)
-            return open_image_file(source)
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            return open_image_file(source, what="<bytes>")
-        return source
-
     def fetch_images(self, image_url_or_urls):
-        # Paths/URLs/bytes are decoded in `preprocess` with clear errors; leave everything as is here.
+        # Paths/URLs/bytes are decoded in `preprocess`, through `load_image`; leave everything as is here.
         return image_url_or_urls
 
-    def prepare_images(self, images, image_mean=None, image_aspect_ratio=None) -> list[Image.Image]:
+    def prepare_images(self, images, image_mean=None, image_aspect_ratio=None, size=None, array_range=None,
+                       allow_remote_images=None, image_fetch_timeout=None) -> list[Image.Image]:
         """Decode/convert every image to RGB PIL and apply the aspect-ratio mode (no resizing yet)."""
         image_mean = self.image_mean if image_mean is None else image_mean
         image_aspect_ratio = self.image_aspect_ratio if image_aspect_ratio is None else image_aspect_ratio
         if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
             raise ValueError(f"image_aspect_ratio must be one of {IMAGE_ASPECT_RATIOS}, got {image_aspect_ratio!r}")
+        allow = self.allow_remote_images if allow_remote_images is None else allow_remote_images
         background = _mean_color(image_mean)
         flat = _flatten_images(images)
         if len(flat) == 0:
-            raise ValueError("No images were given to the image processor.")
+            raise ImageInputError("No images were given to the image processor.")
         out = []
         for index, image in enumerate(flat):
             if image is None:
-                raise ValueError(f"Image {index} is None.")
-            pil = to_rgb_pil(image, background=background)
+                raise ImageInputError(f"Image {index} is None.")
+            pil = to_rgb_pil(image, background=background, allow_remote=allow,
+                             array_range=self.array_range if array_range is None else array_range,
+                             timeout=self.image_fetch_timeout if image_fetch_timeout is None else image_fetch_timeout)
+            pil = fit_canvas(pil, image_aspect_ratio, self.size if size is None else size)
             if image_aspect_ratio == "pad":
                 pil = expand2square(pil, background)
             out.append(pil)
         return out
 
     def preprocess(self, images, *args, **kwargs):
-        image_mean = kwargs.get("image_mean")
+        own = {key: kwargs.pop(key, None) for key in ("array_range", "allow_remote_images", "image_fetch_timeout")}
         aspect = kwargs.pop("image_aspect_ratio", None)
-        pil_images = self.prepare_images(images, image_mean=image_mean, image_aspect_ratio=aspect)
+        pil_images = self.prepare_images(images, image_mean=kwargs.get("image_mean"), image_aspect_ratio=aspect,
+                                         size=kwargs.get("size"), **own)
         kwargs["image_aspect_ratio"] = aspect if aspect is not None else self.image_aspect_ratio
         kwargs.pop("input_data_format", None)
         kwargs["do_convert_rgb"] = False  # already RGB
@@ -296,7 +467,11 @@ class VLoRAImageProcessor(CLIPImageProcessorPil):
         return super().process_image(image, *args, **kwargs)
 
 
-__all__ = ["VLoRAImageProcessor", "expand2square", "to_rgb_pil", "open_image_file", "IMAGE_ASPECT_RATIOS"]
+__all__ = [
+    "VLoRAImageProcessor", "ImageInputError", "load_image", "fetch_url", "remote_images_allowed", "expand2square",
+    "to_rgb_pil", "open_image_file", "fit_canvas", "IMAGE_ASPECT_RATIOS", "REMOTE_IMAGES_ENV", "MAX_FETCH_BYTES",
+    "MAX_CANVAS_SIDE",
+]
 
 # Saving writes an auto_map entry and copies this file, so AutoImageProcessor can load it as remote code.
 VLoRAImageProcessor.register_for_auto_class("AutoImageProcessor")

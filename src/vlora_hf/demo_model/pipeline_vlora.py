@@ -84,6 +84,8 @@ class VLoRAImageToTextPipeline(ImageTextToTextPipeline):
             image_token = getattr(self.processor, "image_token", "<image>")
             batched = isinstance(images, (list, tuple))
             n = len(images) if batched else 1
+            if n == 0:
+                raise ValueError("the pipeline got an empty list of images: give at least one image")
             if text is None:
                 question = default_prompt or getattr(self.model.config, "default_prompt", None) or DEFAULT_PROMPT
                 rendered = self._render_question(question)

@@ -239,7 +239,8 @@ class VLoRAProcessor(ProcessorMixin):
                 if n_real > limit:
                     raise ValueError(
                         f"Prompt {row} is {n_real} tokens long, longer than the model's maximum of {limit} "
-                        "positions (tokenizer.model_max_length). Shorten it or pass truncation=True."
+                        "positions (max_position_embeddings, which saved tokenizers carry as model_max_length). "
+                        "Shorten it or pass truncation=True."
                     )
 
         data = dict(encoding)

@@ -20,6 +20,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .configuration_vlora import VLoRAConfig
 from .generator_vlora import PerceptualWeightsGenerator, WeightsDecoder
 from .injection_vlora import LowRankDeltas, attach_delta_hooks, checkpoint_context, deltas_applied
+from .validation_vlora import (check_checkpoint_keys, check_generate_inputs, check_images, check_pixel_values,
+                               check_text_inputs)
 
 AUTO_MAP = {
     "AutoConfig": "configuration_vlora.VLoRAConfig",
@@ -91,6 +93,13 @@ class VLoRAPreTrainedModel(PreTrainedModel):
         ckpt_kwargs = {**(activation_checkpointing_kwargs or {}), "use_reentrant": False, "context_fn": checkpoint_context}
         super()._activation_checkpointing_enable(ckpt_kwargs, *args, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
+        """transformers' `from_pretrained`, refusing weights whose generator tensors do not match the config."""
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        check_checkpoint_keys(info["missing_keys"], info["unexpected_keys"])
+        return (model, info) if output_loading_info else model
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save, listing every Auto class in `auto_map` and copying the remote-code files flat."""
         self.config.auto_map = dict(AUTO_MAP)
@@ -137,6 +146,7 @@ class VLoRAModel(VLoRAPreTrainedModel):
     # ----- image side ------------------------------------------------------------------------------------
     def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [n, 3, H, W] -> the tower's selected features [n, P, Dv]."""
+        check_pixel_values(pixel_values, self.config.vision_config)
         tower_dtype = next(self.vision_tower.parameters()).dtype
         out = self.vision_tower(pixel_values.to(tower_dtype), output_hidden_states=True)
         features = out.hidden_states[self.config.vision_feature_layer]
@@ -183,6 +193,7 @@ class VLoRAModel(VLoRAPreTrainedModel):
         if given and row_perceptual_weights is None:
             if input_ids is None:
                 raise ValueError("images need input_ids holding their <image> placeholders")
+            check_images(self.config, input_ids, given[0], pixel_values)
             if perceptual_weights is None:
                 perceptual_weights = self.get_image_features(pixel_values=pixel_values, image_features=image_features)
             row_perceptual_weights = self.row_weights(input_ids, perceptual_weights)
@@ -214,6 +225,8 @@ class VLoRAModel(VLoRAPreTrainedModel):
         `row_perceptual_weights` [batch, D] (zeros for text-only rows) is what `generate` passes between steps,
         when the placeholder is no longer part of `input_ids`.
         """
+        vocab_size = self.get_input_embeddings().num_embeddings
+        check_text_inputs(input_ids, attention_mask, self.config.image_token_id, vocab_size)
         row_perceptual_weights, perceptual_weights = self.resolve_images(
             input_ids, pixel_values, image_features, perceptual_weights, row_perceptual_weights
         )
@@ -345,6 +358,7 @@ class VLoRAForCausalLM(VLoRAPreTrainedModel, GenerationMixin):
         the remaining tokens keep the position ids they have in a plain forward: the KV cache holds text only
         and attention keeps its causal fast path. The returned sequences start with the `input_ids` given.
         """
+        check_generate_inputs(self, input_ids, attention_mask, kwargs)
         kwargs["row_perceptual_weights"], _ = self.model.resolve_images(
             input_ids, pixel_values, image_features, perceptual_weights, kwargs.get("row_perceptual_weights")
         )

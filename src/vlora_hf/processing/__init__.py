@@ -1,7 +1,14 @@
 """Processing for VLoRA: image processor (release `pad` mode), processor, chat templates."""
 
 from .chat_templates import CHAT_TEMPLATES, PLAIN_TEMPLATE, VICUNA_V1_SYSTEM, VICUNA_V1_TEMPLATE
-from .image_processing_vlora import VLoRAImageProcessor, expand2square
+from .image_processing_vlora import (
+    REMOTE_IMAGES_ENV,
+    ImageInputError,
+    VLoRAImageProcessor,
+    expand2square,
+    load_image,
+    remote_images_allowed,
+)
 from .processing_vlora import VLoRAProcessor
 
 __all__ = [
@@ -12,4 +19,8 @@ __all__ = [
     "VICUNA_V1_SYSTEM",
     "CHAT_TEMPLATES",
     "expand2square",
+    "ImageInputError",
+    "load_image",
+    "remote_images_allowed",
+    "REMOTE_IMAGES_ENV",
 ]

@@ -127,10 +127,8 @@ def export(model, processor, training_args, data_args, summary: dict) -> None:
 
     model.config.use_cache = True  # the Trainer turns the cache off for training; generation wants it
     export_folder(model, processor, training_args.export_dir, force=True, model_id=training_args.card_model_id,
-                  tags=training_args.card_tags or None, notes=card_notes(training_args, data_args, summary))
-    path = os.path.join(training_args.export_dir, "training_summary.json")
-    with open(path, "w") as f:
-        f.write(json.dumps(_jsonable(summary), indent=2) + "\n")
+                  tags=training_args.card_tags or None, notes=card_notes(training_args, data_args, summary),
+                  extra_files={"training_summary.json": json.dumps(_jsonable(summary), indent=2) + "\n"})
 
 
 def _jsonable(obj):
