@@ -50,6 +50,9 @@ def _check_keys(value: dict | None, allowed: set, name: str) -> None:
 class ModelArguments:
     """Where the model starts (exactly one source) and how its tokenizer and image processor are made."""
 
+    architecture: Literal["vlora", "llava"] = field(default="vlora", metadata={
+        "help": "vlora, or llava: transformers' LlavaForConditionalGeneration (2-layer MLP projector, patch tokens) "
+                "from the same configs, as a baseline."})
     checkpoint: str | None = field(default=None, metadata={"help": "One of our checkpoints (folder or Hub id)."})
     text_model: str | None = field(default=None, metadata={"help": "A transformers causal-LM folder (with "
                                                                    "--vision_tower)."})
@@ -209,6 +212,9 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     if data_args.precompute_image_features and tower_trains:
         raise ValueError("precompute_image_features needs a frozen tower (stage pretrain or finetune, or "
                          "scratch_tower.warm_start.freeze_tower)")
+    if model_args.architecture == "llava" and (stage != "scratch" or data_args.precompute_image_features):
+        raise ValueError("architecture llava is a baseline trained from configs: it needs stage scratch and no "
+                         "precompute_image_features")
     if model_args.llm_lora is not None:
         raise ValueError("llm_lora is not implemented yet")
 

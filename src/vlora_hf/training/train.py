@@ -31,6 +31,7 @@ from ..data.shapes_dataset import preprocess_bank, shapes_dataset, training_rows
 from .arguments import parse_args, recipe_yaml
 from .callbacks import ProgressCallback, setup_logging
 from .evaluate import exact_match
+from .llava_baseline import ExpandImageTokens, TowerView, apply_llava_stage, build_llava, export_llava, image_tokens, is_llava
 from .model_builder import build_model_and_processor
 from .scratch_tower import WARM_START_ARGS, warm_start_tower
 from .stages import apply_stage
@@ -61,16 +62,20 @@ def prepare_model_and_data(model_args, data_args, training_args):
         text_rows = rows
     else:
         text_rows = conversation_rows(data_args.data_path) if model_args.tokenizer_build else []
-    model, processor = build_model_and_processor(model_args, text_rows, data_args.multi_turn)
+    llava = model_args.architecture == "llava"
+    build = build_llava if llava else build_model_and_processor
+    model, processor = build(model_args, text_rows, data_args.multi_turn)
     dataset, collator = training_data(data_args, processor, images, rows)
+    if llava:
+        collator = ExpandImageTokens(collator, processor.image_token_id, image_tokens(model))
     warm = model_args.warm_start
     if warm:
         from accelerate import PartialState
 
         PartialState()  # joins the launch's process group now, so the processes split the warm start
         settings = {k: WARM_START_ARGS[k](v) for k, v in warm.items() if k in WARM_START_ARGS}
-        warm_start_tower(model, dataset.images, rows, seed=training_args.seed, **settings)
-    counts = apply_stage(model, training_args.stage, freeze_tower=bool((warm or {}).get("freeze_tower")))
+        warm_start_tower(TowerView(model) if llava else model, dataset.images, rows, seed=training_args.seed, **settings)
+    counts = (apply_llava_stage if llava else apply_stage)(model, training_args.stage, freeze_tower=bool((warm or {}).get("freeze_tower")))
     logger.info(f"stage {training_args.stage}: trainable parameters {counts} of "
                 f"{sum(p.numel() for p in model.parameters()):,}")
     if data_args.precompute_image_features:
@@ -95,7 +100,8 @@ def evaluate_heldout(model, processor, data_args, heldout_args) -> dict:
     """Exact match per question on held-out shapes-vqa images (the eval split, never drawn for training)."""
     images, rows = shapes.make_rows(heldout_args.heldout_images, seed=heldout_args.heldout_seed, split="eval",
                                     image_size=data_args.image_size)
-    results = exact_match(model, processor, preprocess_bank(images, processor.image_processor), rows,
+    bank = images if is_llava(model) else preprocess_bank(images, processor.image_processor)  # LLaVA: the processor
+    results = exact_match(model, processor, bank, rows,  # expands each <image> to its patch tokens
                           max_new_tokens=heldout_args.heldout_max_new_tokens,
                           batch_size=heldout_args.heldout_batch_size)
     for question, accuracy in results["per_question"].items():
@@ -125,6 +131,8 @@ def export(model, processor, training_args, data_args, summary: dict) -> None:
     """The trained model in our format, with its processor, a model card and training_summary.json."""
     from ..conversion.export import export_folder
 
+    if is_llava(model):
+        return export_llava(model, processor, training_args.export_dir, _jsonable(summary))
     model.config.use_cache = True  # the Trainer turns the cache off for training; generation wants it
     export_folder(model, processor, training_args.export_dir, force=True, model_id=training_args.card_model_id,
                   tags=training_args.card_tags or None, notes=card_notes(training_args, data_args, summary),
@@ -141,8 +149,9 @@ def _jsonable(obj):
     return obj
 
 
-def run(model_args, data_args, heldout_args, training_args) -> dict:
-    """Train, then (main process) evaluate on held-out images and export; -> the training summary."""
+def run(model_args, data_args, heldout_args, training_args, callbacks=()) -> dict:
+    """Train, then (main process) evaluate on held-out images and export; -> the training summary.
+    `callbacks`: further TrainerCallbacks (e.g. evaluation along training)."""
     if training_args.torch_threads:
         torch.set_num_threads(training_args.torch_threads)
     set_seed(training_args.seed)
@@ -150,7 +159,7 @@ def run(model_args, data_args, heldout_args, training_args) -> dict:
     start = time.time()
     model, processor, dataset, collator, counts = prepare_model_and_data(model_args, data_args, training_args)
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
-                      callbacks=[ProgressCallback()])
+                      callbacks=[ProgressCallback(), *callbacks])
     trainer.remove_callback(PrinterCallback)
     train_start = time.time()
     output = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
