@@ -19,6 +19,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
+from ..data.shapes import FAMILY_DRAWERS
 from ..dtypes import DTYPES
 from .scratch_tower import WARM_START_ARGS, check_schedule
 from .stages import STAGES
@@ -121,6 +122,9 @@ class DataArguments:
     image_size: int | None = field(default=None, metadata={"help": "shapes: resize the 64 px images to this."})
     question_weights: dict | str | None = field(default=None, metadata={
         "help": "shapes: {question: weight}; a weight repeats (> 1) or thins (< 1) that question's rows."})
+    shapes_families: dict | str | None = field(default=None, metadata={
+        "help": "shapes: further image families and their image counts, e.g. {relation: 20000, small: 20000} "
+                "(drawn after the classic images; the held-out split gets the same proportions)."})
     multi_turn: bool = field(default=False, metadata={
         "help": "shapes: one conversation per image holding all its questions (LLaVA-instruct style)."})
     data_path: str | None = field(default=None, metadata={"help": "llava: the conversations json / jsonl."})
@@ -134,6 +138,11 @@ class DataArguments:
 
     def __post_init__(self):
         self.question_weights = _mapping(self.question_weights, "question_weights")
+        self.shapes_families = _mapping(self.shapes_families, "shapes_families")
+        for family, count in (self.shapes_families or {}).items():
+            if family not in FAMILY_DRAWERS or not isinstance(count, int) or count < 0:
+                raise ValueError(f"shapes_families: {family}: {count!r}; expected families {sorted(FAMILY_DRAWERS)} "
+                                 "with image counts >= 0")
         if self.dataset == "llava" and not self.data_path:
             raise ValueError("dataset llava needs data_path (the conversations json)")
         if self.multi_turn and self.dataset != "shapes":

@@ -24,14 +24,14 @@ from transformers import Trainer, set_seed
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..data import shapes
 from ..data.llava import LLaVACollator, LLaVADataset, chat_template_of, vision_feature_encoder
 from ..data.llava_format import conversation_rows
-from ..data.shapes_dataset import preprocess_bank, shapes_dataset, training_rows
+from ..data.shapes_dataset import heldout_rows, preprocess_bank, shapes_dataset, training_rows
 from .arguments import parse_args, recipe_yaml
 from .callbacks import ProgressCallback, setup_logging
 from .evaluate import exact_match
-from .llava_baseline import ExpandImageTokens, TowerView, apply_llava_stage, build_llava, export_llava, image_tokens, is_llava
+from .llava_baseline import (ExpandImageTokens, TowerView, apply_llava_stage, build_llava, export_llava, image_tokens,
+                             is_llava)
 from .model_builder import build_model_and_processor
 from .scratch_tower import WARM_START_ARGS, warm_start_tower
 from .stages import apply_stage
@@ -58,7 +58,7 @@ def prepare_model_and_data(model_args, data_args, training_args):
     images = rows = None
     if data_args.dataset == "shapes":
         images, rows = training_rows(data_args.num_images, data_args.shapes_seed, data_args.image_size,
-                                     data_args.question_weights)
+                                     data_args.question_weights, data_args.shapes_families)
         text_rows = rows
     else:
         text_rows = conversation_rows(data_args.data_path) if model_args.tokenizer_build else []
@@ -98,8 +98,8 @@ def resume_checkpoint(training_args) -> str | None:
 
 def evaluate_heldout(model, processor, data_args, heldout_args) -> dict:
     """Exact match per question on held-out shapes-vqa images (the eval split, never drawn for training)."""
-    images, rows = shapes.make_rows(heldout_args.heldout_images, seed=heldout_args.heldout_seed, split="eval",
-                                    image_size=data_args.image_size)
+    images, rows = heldout_rows(heldout_args.heldout_images, heldout_args.heldout_seed, data_args.image_size,
+                                data_args.shapes_families, data_args.num_images)
     bank = images if is_llava(model) else preprocess_bank(images, processor.image_processor)  # LLaVA: the processor
     results = exact_match(model, processor, bank, rows,  # expands each <image> to its patch tokens
                           max_new_tokens=heldout_args.heldout_max_new_tokens,
