@@ -159,7 +159,7 @@ def run(model_args, data_args, heldout_args, training_args, callbacks=()) -> dic
     start = time.time()
     model, processor, dataset, collator, counts = prepare_model_and_data(model_args, data_args, training_args)
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
-                      callbacks=[ProgressCallback(), *callbacks])
+                      processing_class=processor, callbacks=[ProgressCallback(), *callbacks])
     trainer.remove_callback(PrinterCallback)
     train_start = time.time()
     output = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
