@@ -41,6 +41,9 @@ def summarize(results: list[dict]) -> dict:
             "prompt_tokens": runs[0]["inference"]["prompt_tokens"],
             "runs": runs,
         }
+        if all("probes" in r for r in runs):
+            systems[name]["probes"] = {f: {where: spread([r["probes"][f][where] for r in runs]) for where in acc}
+                                       for f, acc in runs[0]["probes"].items()}
     return systems
 
 
@@ -136,6 +139,15 @@ def markdown(report: dict, png_name: str) -> str:
               f"analytic training FLOPs ratio {verdict['flops_ratio']:.2f}.",
               f"- Goal (within {GOAL_POINTS:g} points on every family at ≤ {GOAL_STEP_RATIO}× the step time): "
               f"{'met' if verdict['goal_met'] else 'not met'}."]
+    if "probes" in v and "probes" in l:
+        lines += ["", "## Linear probes (held-out accuracy %, mean ± half-range over seeds)", "",
+                  "What each image alone decides, read linearly from the tower's features (both systems) and from "
+                  "VLoRA's generated weights; targets: shape count (count, small_count), small shapes' kind, and "
+                  "for relation images the axis with the first shape's colour.", "",
+                  "| target | VLoRA tower | VLoRA generator output | LLaVA tower |", "|---|---:|---:|---:|"]
+        for f, acc in v["probes"].items():
+            lines.append(f"| {f} | {_pct(acc['tower'])} | {_pct(acc['generator'])} | "
+                         f"{_pct(l['probes'][f]['tower'])} |")
     if report.get("analysis"):
         lines += ["", report["analysis"].strip()]
     return "\n".join(lines) + "\n"

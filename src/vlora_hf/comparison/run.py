@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--analysis", default=None, help="a markdown file whose text the report appends (findings)")
     p.add_argument("--report_only", action="store_true",
                    help="rewrite the report from the result.json files already under --work (no training)")
+    p.add_argument("--probe", action="store_true",
+                   help="also fit linear probes on each trained model's tower features and generator output")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: SYSTEM:SEED, run by the parent
     return p
 
@@ -157,9 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         if results is None:
             return 1
         wall = time.time() - started
+    if args.probe:
+        from .probe import probe_model
+
+        for r in results:
+            r["probes"] = probe_model(*load_trained(r["model_dir"]))
     from .report import write_report
 
-    command = "vlora-hf compare " + shlex.join([a for a in argv if a != "--report_only"])
+    command = "vlora-hf compare " + shlex.join([a for a in argv if a not in ("--report_only", "--probe")])
     analysis = Path(args.analysis).read_text() if args.analysis else None
     write_report(results, args.out, command=command, machine=machine(), settings=settings(args, extra),
                  wall_seconds=wall, note=args.full_scale_note, analysis=analysis)
