@@ -10,11 +10,11 @@ plain transformers LLaVA checkpoint with a `LlavaProcessor`: no remote code.
 import json
 
 import torch
-from transformers import AutoTokenizer, CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 from ..atomic import atomic_folder
 from ..data.llava_format import IGNORE_INDEX
-from .model_builder import _as_config, resolve_chat_template, scratch_tokenizer
+from .model_builder import _as_config, configs_tokenizer, resolve_chat_template
 from .scratch_tower import init_scratch_tower
 from .stages import STAGES, unused_tower_modules
 
@@ -36,15 +36,8 @@ def build_llava(args, rows=None, multi_turn: bool = False):
     """-> (LlavaForConditionalGeneration, LlavaProcessor) with random weights, from a scratch recipe's configs."""
     if not args.text_config:
         raise ValueError("architecture llava builds from configs: give text_config and vision_config (stage scratch)")
-    if args.tokenizer:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    elif args.tokenizer_build is not None:
-        tokenizer = scratch_tokenizer(args, rows, multi_turn)
-    else:
-        raise ValueError("a model from configs needs tokenizer (a folder) or tokenizer_build")
-    text_config = _as_config({"vocab_size": len(tokenizer), **{f"{n}_token_id": getattr(tokenizer, f"{n}_token_id")
-                                                               for n in ("bos", "eos", "pad")}, **args.text_config},
-                             "llama")
+    tokenizer, text_config = configs_tokenizer(args, rows, multi_turn)
+    text_config = _as_config(text_config, "llama")
     vision_config = _as_config(args.vision_config, "clip_vision_model")
     processor = LlavaProcessor(image_processor=image_processor_for(args.image_processor, vision_config),
                                tokenizer=tokenizer, patch_size=vision_config.patch_size,
