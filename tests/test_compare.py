@@ -12,6 +12,7 @@ from PIL import Image
 from test_training import TINY
 from vlora_hf.cli import main as cli_main
 from vlora_hf.comparison.report import spread
+from vlora_hf.data import shapes
 from vlora_hf.data.shapes import question_family
 
 FAMILIES = ["color", "shape", "count", "describe", "relation_color", "relation_yesno", "small_count", "small_shape"]
@@ -83,3 +84,23 @@ def test_compare_on_a_toy_recipe_writes_every_field(tmp_path):
 def test_every_question_has_a_family():
     with pytest.raises(ValueError, match="not a shapes-vqa question"):
         question_family("What is the meaning of life?")
+
+
+def test_linear_probe_finds_a_linear_signal_and_not_noise():
+    import torch
+
+    from vlora_hf.comparison.probe import linear_probe, targets
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 16, generator=g)
+    signal = [str(int(v > 0)) for v in x[:, 3]]
+    assert linear_probe(x[:300], signal[:300], x[300:], signal[300:]) > 0.95
+    noise = [str(int(v > 0)) for v in torch.randn(400, generator=g)]
+    assert linear_probe(x[:300], noise[:300], x[300:], noise[300:]) < 0.7
+    images, labels = targets("relation", 4, "eval")  # axis and first colour, as drawn
+    for k, label in enumerate(labels):
+        s = shapes.draw_family("relation", k, 0, "eval")
+        (_, colour, _, a), (_, _, _, b) = s.shapes
+        axis, first = label.split(":")
+        assert first == colour
+        assert (a[0] + a[2] + shapes.RELATION_GAP <= b[0]) if axis == "x" else (a[1] + a[2] + shapes.RELATION_GAP <= b[1])

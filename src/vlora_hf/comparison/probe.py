@@ -30,8 +30,7 @@ def targets(family: str, n: int, split: str, seed: int = 0) -> tuple[list, list[
         elif family == "small_shape":
             labels.append(s.shapes[0][0])
         else:
-            (_, _, _, a), (_, _, _, b) = s.shapes[0], s.shapes[1]
-            axis = "x" if a[0] + a[2] < b[0] else "y"
+            axis = "x" if ("left of" in s.qa[1][0] or "right of" in s.qa[1][0]) else "y"  # the drawn axis
             labels.append(f"{axis}:{s.shapes[0][1]}")
     return images, labels
 
@@ -48,7 +47,7 @@ def features(model, processor, images) -> dict[str, torch.Tensor]:
     return {"tower": tower.flatten(1), "generator": model.model.generator(tower).flatten(1)}
 
 
-def linear_probe(train_x, train_y: list[str], test_x, test_y: list[str], steps: int = 300, lr: float = 1e-2,
+def linear_probe(train_x, train_y: list[str], test_x, test_y: list[str], steps: int = 150, lr: float = 1e-2,
                  weight_decay: float = 1e-2, seed: int = 0) -> float:
     """Standardised features -> softmax regression (AdamW, full batch); -> held-out accuracy."""
     classes = sorted(set(train_y) | set(test_y))
@@ -69,7 +68,7 @@ def linear_probe(train_x, train_y: list[str], test_x, test_y: list[str], steps: 
 
 
 def probe_model(model, processor, families=("count", "small_count", "small_shape", "relation"),
-                n_train: int = 1500, n_test: int = 500) -> dict[str, dict[str, float]]:
+                n_train: int = 600, n_test: int = 300) -> dict[str, dict[str, float]]:
     """-> {family: {"tower": accuracy, "generator": accuracy (VLoRA only)}}."""
     out = {}
     for family in families:

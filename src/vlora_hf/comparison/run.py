@@ -43,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report_only", action="store_true",
                    help="rewrite the report from the result.json files already under --work (no training)")
     p.add_argument("--probe", action="store_true",
-                   help="also fit linear probes on each trained model's tower features and generator output")
+                   help="also fit linear probes on the tower features and generator output of each system's first-seed model")
+    p.add_argument("--side_by_side", action="store_true",
+                   help="also time a training step and the first token of both (first seed) in one process, "
+                        "alternating, so both see the same load")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: SYSTEM:SEED, run by the parent
     return p
 
@@ -114,7 +117,8 @@ def load_trained(folder):
 
 
 def mean_text_tokens(processor, rows) -> float:
-    """Mean tokens of a training conversation (question and answer in the chat template, `<image>` as one)."""
+    """Mean tokens of one question-answer conversation in the chat template (`<image>` as one token), over
+    the held-out rows (the training questions, drawn the same way)."""
     from ..data.shapes import conversation
     from ..data.llava import chat_template_of
     from ..data.llava_format import encode_messages, to_messages
@@ -162,14 +166,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe:
         from .probe import probe_model
 
-        for r in results:
-            r["probes"] = probe_model(*load_trained(r["model_dir"]))
+        for (system, seed), r in zip(jobs, results):
+            if "probes" not in r and seed == args.seeds[0]:  # kept in the run's result.json: a later report reuses them
+                r["probes"] = probe_model(*load_trained(r["model_dir"]))
+                path = Path(args.work) / f"{system}-seed{seed}" / "result.json"
+                path.write_text(json.dumps(r, indent=1, default=float) + "\n")
+    side = None
+    if args.side_by_side:
+        import torch
+
+        from .side_by_side import measure
+
+        torch.set_num_threads(1)
+        saved = Path(args.work) / "side_by_side.json"
+        if saved.is_file():
+            side = json.loads(saved.read_text())
+        else:
+            first = {r["system"]: r for r in results if r["seed"] == args.seeds[0]}
+            side = measure({name: load_trained(r["model_dir"]) for name, r in first.items()})
+            saved.write_text(json.dumps(side, indent=1) + "\n")
     from .report import write_report
 
-    command = "vlora-hf compare " + shlex.join([a for a in argv if a not in ("--report_only", "--probe")])
+    command = "vlora-hf compare " + shlex.join([a for a in argv if a not in ("--report_only", "--probe", "--side_by_side")])
     analysis = Path(args.analysis).read_text() if args.analysis else None
     write_report(results, args.out, command=command, machine=machine(), settings=settings(args, extra),
-                 wall_seconds=wall, note=args.full_scale_note, analysis=analysis)
+                 wall_seconds=wall, note=args.full_scale_note, analysis=analysis, side_by_side=side)
     print(f"wrote {args.out}.md, .json and .png")
     return 0
 
