@@ -87,6 +87,8 @@ def build_report(results: list[dict], command: str, machine: dict, settings: dic
 
 
 def _pct(s: dict) -> str:
+    if len(s["values"]) == 1:
+        return f"{100 * s['mean']:.1f}"
     return f"{100 * s['mean']:.1f} ± {100 * s['half_range']:.1f}"
 
 

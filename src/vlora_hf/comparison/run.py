@@ -155,14 +155,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     jobs = [(system, seed) for seed in args.seeds for system in SYSTEMS]
     started = time.time()
+    wall_file = Path(args.work) / "wall_seconds.json"
     if args.report_only:
         results = [json.loads((Path(args.work) / f"{s}-seed{k}" / "result.json").read_text()) for s, k in jobs]
-        wall = max(r["total_seconds"] for r in results) * -(-len(jobs) // max(1, args.jobs))
+        wall = json.loads(wall_file.read_text()) if wall_file.is_file() else max(r["total_seconds"] for r in results)
     else:
         results = run_jobs(own, extra, jobs, args)
         if results is None:
             return 1
         wall = time.time() - started
+        wall_file.write_text(json.dumps(wall) + "\n")
     if args.probe:
         from .probe import probe_model
 
@@ -187,12 +189,25 @@ def main(argv: list[str] | None = None) -> int:
             saved.write_text(json.dumps(side, indent=1) + "\n")
     from .report import write_report
 
-    command = "vlora-hf compare " + shlex.join([a for a in argv if a not in ("--report_only", "--probe", "--side_by_side")])
+    command = "vlora-hf compare " + shlex.join(training_argv(argv))
     analysis = Path(args.analysis).read_text() if args.analysis else None
     write_report(results, args.out, command=command, machine=machine(), settings=settings(args, extra),
                  wall_seconds=wall, note=args.full_scale_note, analysis=analysis, side_by_side=side)
     print(f"wrote {args.out}.md, .json and .png")
     return 0
+
+
+def training_argv(argv: list[str]) -> list[str]:
+    """The arguments that decide what trains (the report's own options left out): the command to rerun."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--analysis", "--full_scale_note", "--out"):
+            skip = True
+        elif a not in ("--report_only", "--probe", "--side_by_side"):
+            out.append(a)
+    return out
 
 
 def settings(args, extra) -> dict:
