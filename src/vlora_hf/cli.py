@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "push": ("vlora_hf.conversion.push", "upload a Hub-ready folder to the Hugging Face Hub"),
     "train": ("vlora_hf.training.train", "train a VLoRA model (pretrain / finetune / scratch)"),
     "make-shapes": ("vlora_hf.data.shapes", "draw the shapes-vqa data set"),
+    "compare": ("vlora_hf.comparison.run", "train VLoRA and LLaVA-1.5 on the same data and compare them"),
     "bench": ("vlora_hf.bench.run", "benchmark VLoRA against text-only, LLaVA and YOPO"),
     "web": ("vlora_hf.web", "serve the Gradio page (questions about an image, what it changed)"),
     "serve": ("vlora_hf.serving.server", "serve a checkpoint on vLLM (OpenAI API; each image becomes a LoRA adapter)"),

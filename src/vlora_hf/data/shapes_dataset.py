@@ -40,12 +40,22 @@ def weight_rows(rows, weights: dict, seed: int = 0) -> list:
     return out
 
 
-def training_rows(num_images: int, seed: int = 0, image_size: int | None = None, question_weights=None):
-    """-> (PIL images, rows) of the training split, with `question_weights` applied."""
-    images, rows = shapes.make_rows(num_images, seed=seed, image_size=image_size)
+def training_rows(num_images: int, seed: int = 0, image_size: int | None = None, question_weights=None,
+                  families: dict | None = None):
+    """-> (PIL images, rows) of the training split (with `families`' images after the classic ones), with
+    `question_weights` applied."""
+    images, rows = shapes.make_family_rows(num_images, families, seed=seed, image_size=image_size)
     if question_weights:
         rows = weight_rows(rows, question_weights, seed=seed)
     return images, rows
+
+
+def heldout_rows(n: int, seed: int = 0, image_size: int | None = None, families: dict | None = None,
+                 num_images: int = 1):
+    """-> (PIL images, rows) of the eval split: `n` classic images and the families in their training proportion
+    to `num_images` (at least one image each)."""
+    scaled = {f: max(1, round(n * count / max(1, num_images))) for f, count in (families or {}).items() if count}
+    return shapes.make_family_rows(n, scaled, seed=seed, split="eval", image_size=image_size)
 
 
 def group_turns(rows, seed: int = 0) -> list[tuple[int, list[tuple[str, str]]]]:
@@ -84,4 +94,4 @@ def shapes_dataset(images, rows, processor, multi_turn: bool = False, seed: int 
                         images={str(i): px for i, px in enumerate(bank)}, **kwargs)
 
 
-__all__ = ["group_turns", "preprocess_bank", "shapes_dataset", "training_rows", "weight_rows"]
+__all__ = ["group_turns", "heldout_rows", "preprocess_bank", "shapes_dataset", "training_rows", "weight_rows"]

@@ -18,6 +18,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
+from ..data.shapes import FAMILY_DRAWERS
 from ..dtypes import DTYPES
 from .llm_lora import check_llm_lora
 from .scratch_tower import WARM_START_ARGS, check_schedule
@@ -50,6 +51,9 @@ def _check_keys(value: dict | None, allowed: set, name: str) -> None:
 class ModelArguments:
     """Where the model starts (exactly one source) and how its tokenizer and image processor are made."""
 
+    architecture: Literal["vlora", "llava"] = field(default="vlora", metadata={
+        "help": "vlora, or llava: transformers' LlavaForConditionalGeneration (2-layer MLP projector, patch tokens) "
+                "from the same configs, as a baseline."})
     checkpoint: str | None = field(default=None, metadata={"help": "One of our checkpoints (folder or Hub id)."})
     text_model: str | None = field(default=None, metadata={"help": "A transformers causal-LM folder (with "
                                                                    "--vision_tower)."})
@@ -119,6 +123,9 @@ class DataArguments:
     image_size: int | None = field(default=None, metadata={"help": "shapes: resize the 64 px images to this."})
     question_weights: dict | str | None = field(default=None, metadata={
         "help": "shapes: {question: weight}; a weight repeats (> 1) or thins (< 1) that question's rows."})
+    shapes_families: dict | str | None = field(default=None, metadata={
+        "help": "shapes: further image families and their image counts, e.g. {relation: 20000, small: 20000} "
+                "(drawn after the classic images; the held-out split gets the same proportions)."})
     multi_turn: bool = field(default=False, metadata={
         "help": "shapes: one conversation per image holding all its questions (LLaVA-instruct style)."})
     data_path: str | None = field(default=None, metadata={"help": "llava: the conversations json / jsonl."})
@@ -132,6 +139,11 @@ class DataArguments:
 
     def __post_init__(self):
         self.question_weights = _mapping(self.question_weights, "question_weights")
+        self.shapes_families = _mapping(self.shapes_families, "shapes_families")
+        for family, count in (self.shapes_families or {}).items():
+            if family not in FAMILY_DRAWERS or not isinstance(count, int) or count < 0:
+                raise ValueError(f"shapes_families: {family}: {count!r}; expected families {sorted(FAMILY_DRAWERS)} "
+                                 "with image counts >= 0")
         if self.dataset == "llava" and not self.data_path:
             raise ValueError("dataset llava needs data_path (the conversations json)")
         if self.multi_turn and self.dataset != "shapes":
@@ -210,6 +222,9 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     if data_args.precompute_image_features and tower_trains:
         raise ValueError("precompute_image_features needs a frozen tower (stage pretrain or finetune, or "
                          "scratch_tower.warm_start.freeze_tower)")
+    if model_args.architecture == "llava" and (stage != "scratch" or data_args.precompute_image_features):
+        raise ValueError("architecture llava is a baseline trained from configs: it needs stage scratch and no "
+                         "precompute_image_features")
     if model_args.llm_lora is not None:
         check_llm_lora(model_args.llm_lora, stage)
 

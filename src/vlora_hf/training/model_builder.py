@@ -83,8 +83,9 @@ def scratch_tokenizer(args: ModelArguments, rows, multi_turn: bool = False):
                            chat_template=template, added_phrases=phrases)
 
 
-def from_configs(args: ModelArguments, rows=None, multi_turn: bool = False):
-    """Random weights (stage scratch). rows: the (image, question, answer) rows a built tokenizer learns from."""
+def configs_tokenizer(args: ModelArguments, rows=None, multi_turn: bool = False):
+    """A model from configs: the tokenizer folder, or one built on the rows; -> (tokenizer, text config dict
+    with the tokenizer's vocabulary size and special ids)."""
     if args.tokenizer:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     elif args.tokenizer_build is not None:
@@ -93,6 +94,12 @@ def from_configs(args: ModelArguments, rows=None, multi_turn: bool = False):
         raise ValueError("a model from configs needs tokenizer (a folder) or tokenizer_build")
     text_config = {"vocab_size": len(tokenizer), **{f"{name}_token_id": getattr(tokenizer, f"{name}_token_id")
                                                     for name in ("bos", "eos", "pad")}, **args.text_config}
+    return tokenizer, text_config
+
+
+def from_configs(args: ModelArguments, rows=None, multi_turn: bool = False):
+    """Random weights (stage scratch). rows: the (image, question, answer) rows a built tokenizer learns from."""
+    tokenizer, text_config = configs_tokenizer(args, rows, multi_turn)
     vision_config = _as_config(args.vision_config, "clip_vision_model")
     processor = build_processor(tokenizer, build_image_processor(args.image_processor, vision_config),
                                 args.chat_template)

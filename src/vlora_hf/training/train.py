@@ -24,14 +24,15 @@ from transformers import Trainer, set_seed
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..data import shapes
 from ..data.llava import LLaVACollator, LLaVADataset, chat_template_of, vision_feature_encoder
 from ..data.llava_format import conversation_rows
-from ..data.shapes_dataset import preprocess_bank, shapes_dataset, training_rows
+from ..data.shapes_dataset import heldout_rows, preprocess_bank, shapes_dataset, training_rows
 from .arguments import parse_args, recipe_yaml
 from .callbacks import ProgressCallback, setup_logging
 from .evaluate import exact_match
 from .llm_lora import apply_llm_lora, merge_llm_lora
+from .llava_baseline import (ExpandImageTokens, TowerView, apply_llava_stage, build_llava, export_llava, image_tokens,
+                             is_llava)
 from .model_builder import build_model_and_processor
 from .scratch_tower import WARM_START_ARGS, warm_start_tower
 from .stages import apply_stage
@@ -58,20 +59,26 @@ def prepare_model_and_data(model_args, data_args, training_args):
     images = rows = None
     if data_args.dataset == "shapes":
         images, rows = training_rows(data_args.num_images, data_args.shapes_seed, data_args.image_size,
-                                     data_args.question_weights)
+                                     data_args.question_weights, data_args.shapes_families)
         text_rows = rows
     else:
         text_rows = conversation_rows(data_args.data_path) if model_args.tokenizer_build else []
-    model, processor = build_model_and_processor(model_args, text_rows, data_args.multi_turn)
+    llava = model_args.architecture == "llava"
+    build = build_llava if llava else build_model_and_processor
+    model, processor = build(model_args, text_rows, data_args.multi_turn)
     dataset, collator = training_data(data_args, processor, images, rows)
+    if llava:
+        collator = ExpandImageTokens(collator, processor.image_token_id, image_tokens(model))
     warm = model_args.warm_start
     if warm:
         from accelerate import PartialState
 
         PartialState()  # joins the launch's process group now, so the processes split the warm start
         settings = {k: WARM_START_ARGS[k](v) for k, v in warm.items() if k in WARM_START_ARGS}
-        warm_start_tower(model, dataset.images, rows, seed=training_args.seed, **settings)
-    counts = apply_stage(model, training_args.stage, freeze_tower=bool((warm or {}).get("freeze_tower")))
+        warm_start_tower(TowerView(model) if llava else model, dataset.images, rows, seed=training_args.seed,
+                         **settings)
+    stage = apply_llava_stage if llava else apply_stage
+    counts = stage(model, training_args.stage, freeze_tower=bool((warm or {}).get("freeze_tower")))
     if model_args.llm_lora:
         counts["language_model"] = apply_llm_lora(model, **model_args.llm_lora)
     logger.info(f"stage {training_args.stage}: trainable parameters {counts} of "
@@ -96,9 +103,10 @@ def resume_checkpoint(training_args) -> str | None:
 
 def evaluate_heldout(model, processor, data_args, heldout_args) -> dict:
     """Exact match per question on held-out shapes-vqa images (the eval split, never drawn for training)."""
-    images, rows = shapes.make_rows(heldout_args.heldout_images, seed=heldout_args.heldout_seed, split="eval",
-                                    image_size=data_args.image_size)
-    results = exact_match(model, processor, preprocess_bank(images, processor.image_processor), rows,
+    images, rows = heldout_rows(heldout_args.heldout_images, heldout_args.heldout_seed, data_args.image_size,
+                                data_args.shapes_families, data_args.num_images)
+    bank = images if is_llava(model) else preprocess_bank(images, processor.image_processor)  # LLaVA: the processor
+    results = exact_match(model, processor, bank, rows,  # expands each <image> to its patch tokens
                           max_new_tokens=heldout_args.heldout_max_new_tokens,
                           batch_size=heldout_args.heldout_batch_size)
     for question, accuracy in results["per_question"].items():
@@ -128,6 +136,8 @@ def export(model, processor, training_args, data_args, summary: dict) -> None:
     """The trained model in our format, with its processor, a model card and training_summary.json."""
     from ..conversion.export import export_folder
 
+    if is_llava(model):
+        return export_llava(model, processor, training_args.export_dir, _jsonable(summary))
     model.config.use_cache = True  # the Trainer turns the cache off for training; generation wants it
     export_folder(model, processor, training_args.export_dir, force=True, model_id=training_args.card_model_id,
                   tags=training_args.card_tags or None, notes=card_notes(training_args, data_args, summary),
@@ -144,8 +154,9 @@ def _jsonable(obj):
     return obj
 
 
-def run(model_args, data_args, heldout_args, training_args) -> dict:
-    """Train, then (main process) evaluate on held-out images and export; -> the training summary."""
+def run(model_args, data_args, heldout_args, training_args, callbacks=()) -> dict:
+    """Train, then (main process) evaluate on held-out images and export; -> the training summary.
+    `callbacks`: further TrainerCallbacks (e.g. evaluation along training)."""
     if training_args.torch_threads:
         torch.set_num_threads(training_args.torch_threads)
     set_seed(training_args.seed)
@@ -153,7 +164,7 @@ def run(model_args, data_args, heldout_args, training_args) -> dict:
     start = time.time()
     model, processor, dataset, collator, counts = prepare_model_and_data(model_args, data_args, training_args)
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
-                      callbacks=[ProgressCallback()])
+                      processing_class=processor, callbacks=[ProgressCallback(), *callbacks])
     trainer.remove_callback(PrinterCallback)
     train_start = time.time()
     output = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))

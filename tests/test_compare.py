@@ -1,0 +1,106 @@
+"""`vlora-hf compare` on a toy recipe: both systems train, and the report holds every field it promises."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from test_training import TINY
+from vlora_hf.cli import main as cli_main
+from vlora_hf.comparison.report import spread
+from vlora_hf.data import shapes
+from vlora_hf.data.shapes import question_family
+
+FAMILIES = ["color", "shape", "count", "describe", "relation_color", "relation_yesno", "small_count", "small_shape"]
+
+
+def test_spread_is_mean_and_half_range():
+    assert spread([0.5, 0.75]) == {"mean": 0.625, "half_range": 0.125, "values": [0.5, 0.75]}
+
+
+@pytest.mark.slow
+def test_compare_on_a_toy_recipe_writes_every_field(tmp_path):
+    recipe = {k: v for k, v in TINY.items() if k not in ("torch_threads",)}
+    recipe.update({"torch_threads": 1, "max_steps": 4, "logging_steps": 2, "heldout_max_new_tokens": 5,
+                   "scratch_tower": {"patch_embedding": "fan_in", "position_embedding": "sincos",
+                                     "warm_start": {"steps": 2, "batch_size": 4}}})
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "report" / "cmp"
+    assert cli_main(["compare", "--recipe", str(path), "--shapes_families", "{relation: 6, small: 6}",
+                     "--seeds", "0", "1", "--eval_every", "2", "--eval_images", "4", "--jobs", "2",
+                     "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["families"] == FAMILIES
+    for key in ("command", "machine", "settings", "wall_seconds", "training_flops_per_sample", "verdict"):
+        assert key in report, key
+    assert report["settings"]["shapes_families"] == {"relation": 6, "small": 6}
+    flops = report["training_flops_per_sample"]
+    assert flops["llava"] > flops["vlora"] > 0  # LLaVA runs 4 extra patch tokens through the same decoder
+    for name in ("vlora", "llava"):
+        system = report["systems"][name]
+        assert system["seeds"] == [0, 1] and system["steps"] == 4
+        for run in system["runs"]:
+            assert [p["step"] for p in run["points"]] == [0, 2, 4]
+            times = [p["train_seconds"] for p in run["points"]]
+            assert times == sorted(times) and run["train_seconds"] == times[-1]
+            assert run["seconds_per_step"] == pytest.approx(run["train_seconds"] / 4)
+            assert set(run["points"][-1]["per_family"]) == set(FAMILIES)
+            assert run["inference"]["ttft_ms"] > 0 and run["inference"]["kv_cache_bytes"] > 0
+        for family in FAMILIES:
+            finals = [r["points"][-1]["per_family"][family] for r in system["runs"]]
+            assert system["final"][family] == spread(finals)
+        for key in ("seconds_per_step", "train_seconds", "setup_seconds", "total_seconds", "ttft_ms"):
+            assert set(system[key]) == {"mean", "half_range", "values"}, key
+    # the same text tokens; LLaVA's prompt holds the 4 patch tokens where VLoRA's holds one placeholder
+    v, l = report["systems"]["vlora"], report["systems"]["llava"]
+    assert l["prompt_tokens"] - v["prompt_tokens"] == pytest.approx(4 - 1)
+    assert v["image_weights_bytes_per_question"] > 0 and l["image_weights_bytes_per_question"] == 0
+    verdict = report["verdict"]
+    assert set(verdict["vlora_minus_llava_points"]) == set(FAMILIES)
+    assert sorted(verdict["vlora_wins"] + verdict["within_2_points"] + verdict["vlora_loses"]) == sorted(FAMILIES)
+
+    md = out.with_suffix(".md").read_text()
+    for family in FAMILIES:
+        assert f"| {family} |" in md
+    assert "![held-out accuracy vs training time](cmp.png)" in md
+    with Image.open(out.with_suffix(".png")) as png:
+        assert png.format == "PNG" and png.size[0] > 500
+
+    # the report can be rewritten from the runs' results alone, with findings appended
+    notes = tmp_path / "findings.md"
+    notes.write_text("## Findings\n\nA line.\n")
+    assert cli_main(["compare", "--recipe", str(path), "--seeds", "0", "1", "--work", str(tmp_path / "work"),
+                     "--out", str(out), "--report_only", "--analysis", str(notes)]) == 0
+    assert out.with_suffix(".md").read_text().rstrip().endswith("A line.")
+    assert json.loads(out.with_suffix(".json").read_text())["systems"]["vlora"]["final"] == v["final"]
+
+
+def test_every_question_has_a_family():
+    with pytest.raises(ValueError, match="not a shapes-vqa question"):
+        question_family("What is the meaning of life?")
+
+
+def test_linear_probe_finds_a_linear_signal_and_not_noise():
+    import torch
+
+    from vlora_hf.comparison.probe import linear_probe, targets
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 16, generator=g)
+    signal = [str(int(v > 0)) for v in x[:, 3]]
+    assert linear_probe(x[:300], signal[:300], x[300:], signal[300:]) > 0.95
+    noise = [str(int(v > 0)) for v in torch.randn(400, generator=g)]
+    assert linear_probe(x[:300], noise[:300], x[300:], noise[300:]) < 0.7
+    images, labels = targets("relation", 4, "eval")  # axis and first colour, as drawn
+    for k, label in enumerate(labels):
+        s = shapes.draw_family("relation", k, 0, "eval")
+        (_, colour, _, a), (_, _, _, b) = s.shapes
+        axis, first = label.split(":")
+        assert first == colour
+        assert (a[0] + a[2] + shapes.RELATION_GAP <= b[0]) if axis == "x" else (a[1] + a[2] + shapes.RELATION_GAP <= b[1])
