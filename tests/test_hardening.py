@@ -443,3 +443,18 @@ def test_killed_folder_swaps_are_finished_or_cleaned_by_the_next_run(tmp_path, c
     os.rename(out, tmp_path / ".shapes.old-2-y")  # a swap killed after its first rename, before the new was ready
     assert recover(out) == [f"restored {out} from .shapes.old-2-y, left by an interrupted write"]
     assert (out / "shapes_vqa.json").is_file()
+
+
+def test_atomic_file_replaces_whole_or_leaves_the_old_file(tmp_path):
+    from vlora_hf.atomic import atomic_file
+
+    target = tmp_path / "sub" / "report.json"
+    with atomic_file(target) as tmp:
+        assert tmp.suffix == ".json" and tmp.parent == target.parent
+        tmp.write_text("old")
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with atomic_file(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["report.json"]

@@ -136,4 +136,19 @@ def atomic_folder(target: str | os.PathLike, replace: bool = False,
     swap_in(tmp, target)
 
 
-__all__ = ["atomic_folder", "recover", "swap_in"]
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside ``target`` (same suffix, so writers that infer the format from it work); when the
+    block succeeds it replaces ``target`` in one rename, when it fails it vanishes. Parent folders are created."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{target.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+__all__ = ["atomic_file", "atomic_folder", "recover", "swap_in"]

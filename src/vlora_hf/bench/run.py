@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_file
 from . import flops as F
 from .systems import (
     BenchSizes, Llava, TextOnly, VLoRA, Yopo, build_llava, build_text_only, build_vlora,
@@ -293,10 +294,8 @@ def machine_info(st: BenchSettings) -> dict:
 
 # ----------------------------------------------------------------------------------------------- CLI
 def _atomic_write(path: Path, data: bytes):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,9 +2,9 @@
 held-out accuracy against training time."""
 
 import json
-import os
 from pathlib import Path
 
+from ..atomic import atomic_file
 from .cost import TRAIN_FACTOR, training_flops_per_sample
 
 NAMES = {"vlora": "VLoRA", "llava": "LLaVA-1.5"}
@@ -214,12 +214,10 @@ def write_report(results: list[dict], out, command: str, machine: dict, settings
     report["json_name"] = out.name + ".json"
     files = {".json": json.dumps(report, indent=1, default=float) + "\n", ".md": markdown(report, out.name + ".png")}
     for suffix, text in files.items():
-        tmp = out.with_name(out.name + suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out.with_name(out.name + suffix))
-    png_tmp = out.with_name(out.name + ".tmp.png")
-    plot(report, png_tmp)
-    os.replace(png_tmp, out.with_name(out.name + ".png"))
+        with atomic_file(out.with_name(out.name + suffix)) as tmp:
+            tmp.write_text(text)
+    with atomic_file(out.with_name(out.name + ".png")) as tmp:
+        plot(report, tmp)
     return report
 
 

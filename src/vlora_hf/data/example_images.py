@@ -6,11 +6,11 @@ model's answers against `EXAMPLES` without storing anything else.
 
 from __future__ import annotations
 
-import os
 import random
 import sys
 from pathlib import Path
 
+from ..atomic import atomic_file
 from . import shapes
 
 # file name -> (drawing: ("count", n, colour, kind) | ("single", colour, kind), rng seed, {question: answer})
@@ -46,9 +46,8 @@ def write_examples(folder=None) -> list[Path]:
     paths = []
     for name in EXAMPLES:
         target = folder / name
-        tmp = target.with_name(target.name + ".tmp")
-        draw_example(name).image.save(tmp, format="PNG")
-        os.replace(tmp, target)
+        with atomic_file(target) as tmp:
+            draw_example(name).image.save(tmp, format="PNG")
         paths.append(target)
     return paths
 

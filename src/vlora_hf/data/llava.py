@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_file
 from ..processing.processing_vlora import NO_MAX_LENGTH
 from .llava_format import (
     IGNORE_INDEX,
@@ -235,11 +236,8 @@ class LLaVADataset(torch.utils.data.Dataset):
                 features[p] = f.detach().cpu().clone()
         self.features = features
         if cache_file is not None:
-            cache_file = Path(cache_file)
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_name(cache_file.name + ".tmp")
-            torch.save(features, tmp)
-            os.replace(tmp, cache_file)
+            with atomic_file(cache_file) as tmp:
+                torch.save(features, tmp)
         return len(paths)
 
 

@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..atomic import atomic_folder
+from ..atomic import atomic_file, atomic_folder
 
 IMAGE_SIZE = 64
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -255,14 +255,11 @@ def write_split(out: str | os.PathLike, n: int, seed: int = 0, split: str = "tra
     (out / "images").mkdir(parents=True, exist_ok=True)
     samples = make_samples(n, seed, split)
     for i, s in enumerate(samples):
-        target = out / "images" / f"{split}_{i:06d}.png"
-        tmp = target.with_name(target.name + ".tmp")
-        s.image.save(tmp, format="PNG")
-        os.replace(tmp, target)
+        with atomic_file(out / "images" / f"{split}_{i:06d}.png") as tmp:
+            s.image.save(tmp, format="PNG")
     path = out / (TRAIN_FILE if split == "train" else EVAL_FILE)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(records_for(samples, split), indent=1))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(records_for(samples, split), indent=1))
     return path
 
 
