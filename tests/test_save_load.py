@@ -41,7 +41,8 @@ def test_saved_folder_lists_every_auto_class_and_ships_its_code(saved):
         "AutoModelForCausalLM": "modeling_vlora.VLoRAForCausalLM",
         "AutoModelForImageTextToText": "modeling_vlora.VLoRAForCausalLM",
     }
-    for name in ("configuration_vlora.py", "generator_vlora.py", "injection_vlora.py", "modeling_vlora.py"):
+    for name in ("configuration_vlora.py", "generator_vlora.py", "injection_vlora.py", "modeling_vlora.py",
+                 "outputs_vlora.py", "placeholders_vlora.py", "validation_vlora.py", "pipeline_vlora.py"):
         assert (saved / name).is_file()
 
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from vlora_hf.modeling.modeling_vlora import CACHE, without_placeholders
+from vlora_hf.modeling import CACHE, without_placeholders
 
 from . import flops as F
 from .yopo import YopoLlava, YopoReductions

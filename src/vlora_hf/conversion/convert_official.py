@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -294,16 +295,17 @@ def release_generation_config(checkpoint: Path, config):
 
 # ----- writing -----------------------------------------------------------------------------------------------
 def save_config_and_code(config, folder: Path) -> None:
-    """config.json with every Auto class in auto_map, and the modeling files flat (what save_pretrained does)."""
+    """config.json ready for `trust_remote_code`, and the modeling files beside it: what `save_pretrained` writes
+    (transformers' `custom_object_save` copies the model's file and its relative imports the same way)."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
     from vlora_hf.modeling import modeling_vlora
 
-    config.auto_map = dict(modeling_vlora.AUTO_MAP)
-    pipelines = modeling_vlora._custom_pipelines()
-    if pipelines:
-        config.custom_pipelines = pipelines
+    modeling_vlora.remote_code_config(config)
     config.architectures = ["VLoRAForCausalLM"]
     config.save_pretrained(folder)
-    modeling_vlora.copy_remote_code(folder)
+    for source in (modeling_vlora.__file__, *get_relative_import_files(modeling_vlora.__file__)):
+        shutil.copyfile(source, folder / Path(source).name)
 
 
 def convert(

@@ -7,64 +7,36 @@ its row gets that image's low-rank deltas, the placeholder itself is never atten
 
 from __future__ import annotations
 
-import shutil
-from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_vlora import TOWERS_WITH_CLS, VLoRAConfig
 from .generator_vlora import PerceptualWeightsGenerator, WeightsDecoder
 from .injection_vlora import LowRankDeltas, attach_delta_hooks, checkpoint_context, deltas_applied
-from .validation_vlora import (check_checkpoint_keys, check_generate_inputs, check_images, check_pixel_values,
-                               check_text_inputs)
+from .outputs_vlora import CACHE, VLoRACausalLMOutputWithPast, VLoRAModelOutputWithPast
+from .placeholders_vlora import mask_placeholders, row_weights, without_placeholders
+from .validation_vlora import (check_checkpoint_keys, check_generate_inputs, check_ids_beside_embeds, check_images,
+                               check_pixel_values, check_text_inputs, refuse_tensor_parallel)
 
-AUTO_MAP = {
-    "AutoConfig": "configuration_vlora.VLoRAConfig",
-    # Users load with AutoModel: give them the class that generates, as remote-code VLM repos do.
-    "AutoModel": "modeling_vlora.VLoRAForCausalLM",
-    "AutoModelForCausalLM": "modeling_vlora.VLoRAForCausalLM",
-    "AutoModelForImageTextToText": "modeling_vlora.VLoRAForCausalLM",
-}
-
-
-# transformers 5.24 renamed the KV cache, as forward argument and output field, from `past_key_values` to
-# `cache`. The outputs below inherit the installed version's fields, and the cache passes through `forward`
-# under whichever name the caller (generate, a user) gave it.
-CACHE = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+# Saving registers the model under AutoModelForCausalLM (register_for_auto_class below: transformers copies this
+# file and every file it imports relatively); users also load with AutoModel and AutoModelForImageTextToText,
+# as with other remote-code VLM repos, so the config lists those too.
+EXTRA_AUTO_CLASSES = ("AutoModel", "AutoModelForImageTextToText")
 
 
-class _ImageOutputs:
-    """`image_outputs` as transformers' VLMs have it: `pooler_output` holds the perceptual weights (one row per
-    image), `last_hidden_state` the tower features the generator read (when the tower ran in this call)."""
+def remote_code_config(config: VLoRAConfig) -> None:
+    """Fill what a folder needs in config.json to load with `trust_remote_code`: every Auto class in `auto_map`
+    and the `image-to-text` pipeline (its file, pipeline_vlora.py, is imported here so it is copied too)."""
+    from .pipeline_vlora import CUSTOM_PIPELINES
 
-    @property
-    def perceptual_weights(self) -> torch.FloatTensor | None:
-        return None if self.image_outputs is None else self.image_outputs.pooler_output
-
-    def to_tuple(self) -> tuple:
-        # transformers' multimodal outputs flatten the nested encoder output the same way
-        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in super().to_tuple())
-
-
-@dataclass
-class VLoRAModelOutputWithPast(_ImageOutputs, BaseModelOutputWithPast):
-    """Backbone outputs plus `image_outputs` (`.perceptual_weights`: the weights used for this call)."""
-
-    image_outputs: BaseModelOutputWithPooling | None = None
-
-
-@dataclass
-class VLoRACausalLMOutputWithPast(_ImageOutputs, CausalLMOutputWithPast):
-    """LM outputs plus `image_outputs` (`.perceptual_weights`: the weights used for this call)."""
-
-    image_outputs: BaseModelOutputWithPooling | None = None
+    model = "modeling_vlora.VLoRAForCausalLM"
+    config.auto_map = {**(getattr(config, "auto_map", None) or {}), "AutoConfig": "configuration_vlora.VLoRAConfig",
+                       "AutoModelForCausalLM": model, **{auto: model for auto in EXTRA_AUTO_CLASSES}}
+    config.custom_pipelines = CUSTOM_PIPELINES
 
 
 class VLoRAPreTrainedModel(PreTrainedModel):
@@ -119,29 +91,9 @@ class VLoRAPreTrainedModel(PreTrainedModel):
         return (model, info) if output_loading_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save, listing every Auto class in `auto_map` and copying the remote-code files flat."""
-        self.config.auto_map = dict(AUTO_MAP)
-        pipelines = _custom_pipelines()
-        if pipelines:
-            self.config.custom_pipelines = pipelines
+        """transformers' `save_pretrained`, the config first completed for `trust_remote_code` loading."""
+        remote_code_config(self.config)
         super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            copy_remote_code(save_directory)
-
-
-def copy_remote_code(save_directory) -> None:
-    """Copy every module of this folder next to the weights, so `trust_remote_code` needs nothing else."""
-    for source in Path(__file__).parent.glob("*.py"):
-        if source.name != "__init__.py":
-            shutil.copyfile(source, Path(save_directory) / source.name)
-
-
-def _custom_pipelines() -> dict | None:
-    try:
-        from .pipeline_vlora import CUSTOM_PIPELINES
-    except ImportError:
-        return None
-    return CUSTOM_PIPELINES
 
 
 class VLoRAModel(VLoRAPreTrainedModel):
@@ -187,25 +139,6 @@ class VLoRAModel(VLoRAPreTrainedModel):
             return BaseModelOutputWithPooling(last_hidden_state=image_features, pooler_output=weights)
         return weights
 
-    def row_weights(self, input_ids: torch.Tensor, perceptual_weights: torch.Tensor) -> torch.Tensor:
-        """Per-image weights -> per-row weights [batch, D]: row i gets the image of its placeholder, else zeros."""
-        is_image = input_ids == self.config.image_token_id
-        per_row = is_image.sum(dim=1)
-        if (per_row > 1).any():
-            rows = per_row.gt(1).nonzero().flatten().tolist()
-            raise ValueError(f"VLoRA applies one image per sequence, but rows {rows} hold several <image> placeholders")
-        has_image = per_row.bool()
-        if int(has_image.sum()) != perceptual_weights.shape[0]:
-            raise ValueError(
-                f"got {perceptual_weights.shape[0]} images but input_ids hold {int(has_image.sum())} <image> "
-                f"placeholders (id {self.config.image_token_id}); pass one image per placeholder, in row order"
-            )
-        if bool(has_image.all()):  # every row has its image: nothing to scatter (the usual training batch)
-            return perceptual_weights
-        rows = perceptual_weights.new_zeros(input_ids.shape[0], perceptual_weights.shape[1])
-        rows[has_image] = perceptual_weights.to(rows.dtype)
-        return rows
-
     def resolve_images(self, input_ids, pixel_values=None, image_features=None, perceptual_weights=None,
                        row_perceptual_weights=None, mm_encoder_outputs=None):
         """Whichever image input was given -> (per-row weights [batch, D] or None, `image_outputs` or None).
@@ -229,7 +162,7 @@ class VLoRAModel(VLoRAPreTrainedModel):
             elif image_outputs is None:
                 image_outputs = self.get_image_features(pixel_values=pixel_values, image_features=image_features,
                                                         return_dict=True)
-            row_perceptual_weights = self.row_weights(input_ids, image_outputs.pooler_output)
+            row_perceptual_weights = row_weights(input_ids, image_outputs.pooler_output, self.config.image_token_id)
         if row_perceptual_weights is None and input_ids is not None:
             placeholders = int((input_ids == self.config.image_token_id).sum())
             if placeholders:
@@ -280,15 +213,8 @@ class VLoRAModel(VLoRAPreTrainedModel):
             dtype = self.language_model.get_input_embeddings().weight.dtype
             deltas = LowRankDeltas.build(self.generator.split(row_perceptual_weights), self.generator.scaled_B(), dtype)
         with deltas_applied(deltas):
-            out = self.language_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                inputs_embeds=inputs_embeds,
-                use_cache=use_cache,
-                return_dict=True,
-                **kwargs,
-            )
+            out = self.language_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                      inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True, **kwargs)
         return VLoRAModelOutputWithPast(
             last_hidden_state=out.last_hidden_state,
             **{CACHE: getattr(out, CACHE)},
@@ -296,31 +222,6 @@ class VLoRAModel(VLoRAPreTrainedModel):
             attentions=getattr(out, "attentions", None),
             image_outputs=image_outputs,
         )
-
-
-def check_ids_beside_embeds(input_ids, inputs_embeds) -> None:
-    """`input_ids` given beside `inputs_embeds` locate the placeholders, so they must cover the same tokens."""
-    if inputs_embeds is not None and input_ids is not None and inputs_embeds.shape[:2] != input_ids.shape:
-        raise ValueError(
-            f"inputs_embeds {tuple(inputs_embeds.shape[:2])} and input_ids {tuple(input_ids.shape)} given together "
-            "must cover the same [batch, sequence] (input_ids only locate the <image> placeholders)"
-        )
-
-
-def mask_placeholders(is_image: torch.Tensor, attention_mask, position_ids):
-    """Hide the placeholder columns from attention; keep their position ids (the release's positions).
-
-    `is_image` covers the last `is_image.shape[1]` columns of `attention_mask` (earlier ones are cached).
-    Position ids, when not given, count every non-padding token, the placeholder included.
-    """
-    batch, seq = is_image.shape
-    if attention_mask is None:
-        attention_mask = torch.ones(batch, seq, dtype=torch.long, device=is_image.device)
-    if position_ids is None and attention_mask.shape[1] == seq:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    hidden = torch.zeros_like(attention_mask, dtype=torch.bool)
-    hidden[:, attention_mask.shape[1] - seq :] = is_image
-    return attention_mask.masked_fill(hidden, 0), position_ids
 
 
 class VLoRAForCausalLM(VLoRAPreTrainedModel, GenerationMixin):
@@ -394,20 +295,10 @@ class VLoRAForCausalLM(VLoRAPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> VLoRACausalLMOutputWithPast:
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            pixel_values=pixel_values,
-            image_features=image_features,
-            perceptual_weights=perceptual_weights,
-            row_perceptual_weights=row_perceptual_weights,
-            mm_encoder_outputs=mm_encoder_outputs,
-            use_cache=use_cache,
-            return_dict=True,
-            **kwargs,
-        )
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         inputs_embeds=inputs_embeds, pixel_values=pixel_values, image_features=image_features,
+                         perceptual_weights=perceptual_weights, row_perceptual_weights=row_perceptual_weights,
+                         mm_encoder_outputs=mm_encoder_outputs, use_cache=use_cache, return_dict=True, **kwargs)
         hidden = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])
@@ -486,47 +377,6 @@ class VLoRAForCausalLM(VLoRAPreTrainedModel, GenerationMixin):
         return inputs
 
 
-def without_placeholders(input_ids: torch.Tensor, attention_mask, image_token_id: int, pad_token_id: int = 0,
-                         inputs_embeds: torch.Tensor | None = None):
-    """Take the `<image>` placeholders out of left-padded prompts, for generation.
-
-    Each placeholder moves to the front of its row as padding; a column that is padding in every row is dropped.
-    Returns (input_ids, attention_mask, position_ids), the position ids being those of a plain forward (the
-    placeholder still counts), so the logits are the same as with the placeholder masked in place; with
-    `inputs_embeds` [batch, seq, hidden], those embeddings rearranged the same way come fourth.
-    """
-    is_image = input_ids == image_token_id
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    order = torch.sort((~is_image).int(), dim=1, stable=True).indices  # placeholders first, rest in order
-    moved = is_image.gather(1, order)
-    ids = input_ids.gather(1, order).masked_fill(moved, pad_token_id)
-    mask = attention_mask.gather(1, order).masked_fill(moved, 0)
-    positions = positions.gather(1, order)
-    start = int((mask.sum(0) == 0).long().cumprod(0).sum())  # leading all-padding columns
-    text = (ids[:, start:], mask[:, start:], positions[:, start:])
-    if inputs_embeds is None:
-        return text
-    embeds = inputs_embeds.gather(1, order[..., None].expand(-1, -1, inputs_embeds.shape[-1]))
-    return (*text, embeds[:, start:])
-
-
-def refuse_tensor_parallel(load_kwargs: dict) -> None:
-    """Raise where `from_pretrained` would shard the backbone: the per-image deltas are full-width and would
-    not follow the shards of q/k/v/o/MLP (and the plan leaves the tied `lm_head` whole)."""
-    dist = load_kwargs.get("distributed_config")
-    dist = dist if isinstance(dist, dict) else {} if dist is None else vars(dist)
-    plans = (load_kwargs.get("tp_plan"), dist.get("tp_plan"))
-    sizes = (load_kwargs.get("tp_size"), dist.get("tp_size"))
-    if any(plan is not None for plan in plans) or any((size or 1) > 1 for size in sizes):
-        raise ValueError(
-            "VLoRA does not support tensor parallelism (tp_plan / tp_size): the per-image low-rank deltas are "
-            "added at full width around q/k/v/o/MLP and do not follow sharded projections. Load without tp_plan "
-            "(one device, device_map, or FSDP / DeepSpeed data parallelism for training)."
-        )
-
-
 def load_tower_state(target: nn.Module, state: dict) -> None:
     """Load a vision tower's weights, with or without the `vision_model.` key prefix."""
     expected = set(target.state_dict())
@@ -537,3 +387,6 @@ def load_tower_state(target: nn.Module, state: dict) -> None:
             return
     missing = sorted(expected - set(state))[:5]
     raise ValueError(f"the vision tower folder does not match the tower config: missing weights such as {missing}")
+
+
+VLoRAForCausalLM.register_for_auto_class("AutoModelForCausalLM")

@@ -131,3 +131,27 @@ def check_checkpoint_keys(missing_keys, unexpected_keys) -> None:
             + "): config.json's target_modules, skip_layers / target_layers or generator sizes differ from the "
             "weights"
         )
+
+
+def check_ids_beside_embeds(input_ids, inputs_embeds) -> None:
+    """`input_ids` given beside `inputs_embeds` locate the placeholders, so they must cover the same tokens."""
+    if inputs_embeds is not None and input_ids is not None and inputs_embeds.shape[:2] != input_ids.shape:
+        raise ValueError(
+            f"inputs_embeds {tuple(inputs_embeds.shape[:2])} and input_ids {tuple(input_ids.shape)} given together "
+            "must cover the same [batch, sequence] (input_ids only locate the <image> placeholders)"
+        )
+
+
+def refuse_tensor_parallel(load_kwargs: dict) -> None:
+    """Raise where `from_pretrained` would shard the backbone: the per-image deltas are full-width and would
+    not follow the shards of q/k/v/o/MLP (and the plan leaves the tied `lm_head` whole)."""
+    dist = load_kwargs.get("distributed_config")
+    dist = dist if isinstance(dist, dict) else {} if dist is None else vars(dist)
+    plans = (load_kwargs.get("tp_plan"), dist.get("tp_plan"))
+    sizes = (load_kwargs.get("tp_size"), dist.get("tp_size"))
+    if any(plan is not None for plan in plans) or any((size or 1) > 1 for size in sizes):
+        raise ValueError(
+            "VLoRA does not support tensor parallelism (tp_plan / tp_size): the per-image low-rank deltas are "
+            "added at full width around q/k/v/o/MLP and do not follow sharded projections. Load without tp_plan "
+            "(one device, device_map, or FSDP / DeepSpeed data parallelism for training)."
+        )

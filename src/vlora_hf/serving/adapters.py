@@ -17,7 +17,7 @@ from transformers import AutoModel
 
 from ..conversion.io import iter_checkpoint
 from ..modeling import VLoRAConfig, VLoRAModel
-from ..modeling.generator_vlora import PerceptualWeightsGenerator
+from ..modeling import PerceptualWeightsGenerator
 from .vllm_names import VLLM_MODULES
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -134,7 +134,7 @@ def card_notes(training_args, data_args, summary: dict) -> list[str]:
 
 def export(model, processor, training_args, data_args, summary: dict) -> None:
     """The trained model in our format, with its processor, a model card and training_summary.json."""
-    from ..conversion.export import export_folder
+    from ..conversion import export_folder
 
     if is_llava(model):
         return export_llava(model, processor, training_args.export_dir, _jsonable(summary))
