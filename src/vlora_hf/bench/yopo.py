@@ -112,7 +112,7 @@ class YopoLlava:
     def prefill(self, input_ids: torch.Tensor, pixel_values: torch.Tensor):
         """Returns (next_token [b], cache). The image's 576 placeholder ids must be contiguous, same place per row.
 
-        One function on purpose (84 lines): it is the whole layer loop with YOPO's reductions inline (kept
+        One function on purpose (88 lines): it is the whole layer loop with YOPO's reductions inline (kept
         heads, windowed visual attention, thinned MLP, visual tokens dropped after `keep_layers`), read top to
         bottom against LLaVA's own decoder layer."""
         llava, lm, red = self.llava, self.lm, self.red

@@ -37,44 +37,52 @@ def _chat(turns: list[tuple[str, str]]) -> list[dict]:
     return [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
 
 
-def build_app(session: DemoSession) -> gr.Blocks:
-    examples = sorted(EXAMPLES.glob("shapes_*.png"))
+class Handlers:
+    """The page's event handlers: each turns widget values into widget updates through the session."""
 
-    def choose(path, second):
+    def __init__(self, session: DemoSession, examples: list[Path]):
+        self.session, self.examples = session, examples
+
+    def choose(self, path, second):
         """-> current image, preview, answer, turns, chat, timings, plot (an error clears the current image)."""
         try:
-            current = session.image_weights(path)
+            current = self.session.image_weights(path)
         except ValueError as err:
             return None, None, f"Error: {err}", [], [], "", None
-        plot = session.delta_plot([image for image in (current, second) if image is not None])
+        plot = self.session.delta_plot([image for image in (current, second) if image is not None])
         return current, current.image, "", [], [], _image_timing(current), plot
 
-    def pick_example(second, evt: gr.SelectData):
-        return choose(examples[evt.index], second)
+    def pick_example(self, second, evt: gr.SelectData):
+        return self.choose(self.examples[evt.index], second)
 
-    def compare(path, current):
+    def compare(self, path, current):
         """-> second image, plot, answer (an error there leaves the first image's plot alone)."""
         second, error = None, gr.skip()
         if path is not None:  # None: the second image was cleared
             try:
-                second = session.image_weights(path)
+                second = self.session.image_weights(path)
             except ValueError as err:
                 error = f"Error: {err}"
         shown = [image for image in (current, second) if image is not None]
-        return second, session.delta_plot(shown) if shown else None, error
+        return second, self.session.delta_plot(shown) if shown else None, error
 
-    def ask(current, turns, question, chat_mode, max_new_tokens, do_sample, temperature):
+    def ask(self, current, turns, question, chat_mode, max_new_tokens, do_sample, temperature):
         """-> answer, turns, chat, timings."""
         if current is None:
             return "Error: upload an image or click an example first.", gr.skip(), gr.skip(), gr.skip()
         earlier = turns if chat_mode else []  # the last turn is kept anyway: chat mode may start from it
         try:
-            answer = session.answer(current, question, earlier, max_new_tokens, do_sample, temperature)
+            answer = self.session.answer(current, question, earlier, max_new_tokens, do_sample, temperature)
         except ValueError as err:
             return f"Error: {err}", gr.skip(), gr.skip(), gr.skip()
         turns = [*earlier, (question.strip(), answer.text)]
         return answer.text, turns, _chat(turns), _answer_timing(current, answer)
 
+
+def build_app(session: DemoSession) -> gr.Blocks:
+    """The page: its widgets in Gradio's layout order, then the events that connect them to `Handlers`."""
+    examples = sorted(EXAMPLES.glob("shapes_*.png"))
+    on = Handlers(session, examples)
     with gr.Blocks(title="VLoRA demo", analytics_enabled=False) as app:
         current, second, turns = gr.State(None), gr.State(None), gr.State([])
         gr.Markdown(INTRO)
@@ -104,11 +112,11 @@ def build_app(session: DemoSession) -> gr.Blocks:
             compare_file = gr.File(label="Second image to compare (optional)", elem_id="upload2", scale=1)
 
         chosen = [current, preview, answer, turns, chat, timings, plot]
-        image_file.upload(choose, [image_file, second], chosen)
-        gallery.select(pick_example, [second], chosen)
-        compare_file.upload(compare, [compare_file, current], [second, plot, answer])
-        compare_file.clear(compare, [compare_file, current], [second, plot, answer])
-        asking = dict(fn=ask, inputs=[current, turns, question, chat_mode, max_new_tokens, do_sample, temperature],
+        image_file.upload(on.choose, [image_file, second], chosen)
+        gallery.select(on.pick_example, [second], chosen)
+        compare_file.upload(on.compare, [compare_file, current], [second, plot, answer])
+        compare_file.clear(on.compare, [compare_file, current], [second, plot, answer])
+        asking = dict(fn=on.ask, inputs=[current, turns, question, chat_mode, max_new_tokens, do_sample, temperature],
                       outputs=[answer, turns, chat, timings])
         ask_button.click(**asking)
         question.submit(**asking)
