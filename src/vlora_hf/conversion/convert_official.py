@@ -3,7 +3,7 @@
     python -m vlora_hf.conversion.convert_official --checkpoint DIR --output DIR [--vision-tower DIR]
         [--tokenizer DIR] [--dtype float32|bfloat16|float16] [--max-shard-size 5GB] [--force] [--push-to-hub REPO]
 
-Every release tensor is mapped to exactly one of ours (DESIGN.md §2, INTERFACES.md): the LLM under
+Every release tensor is mapped to exactly one of ours (the mapping is listed in docs/conversion.md): the LLM under
 `model.language_model.`, the tower under `model.vision_tower.`, the generator under `model.generator.` with the
 static factor `Bs` [1, T*k, h*r] split into `lora_B.{t}` [k, h, r]. The conversion fails, writing nothing, when a
 release tensor is left unused or one of ours is left unset (the rotary `inv_freq` buffers are the only exception:

@@ -1,4 +1,4 @@
-"""The perceptual weights generator (DESIGN.md §1 steps 2-4).
+"""The perceptual weights generator: the image's tower features in, one low-rank factor per target out.
 
 Image features -> per-image low-rank factors A, one [d_in, r] matrix per (target, receiving layer). The static
 factor B of each target is a plain parameter here too, so the generator owns everything the image adds.
