@@ -27,8 +27,10 @@ from PIL import Image, ImageOps
 from tiny import FIXTURE, PYTHON, llama_config, tiny_model
 
 import vlora_hf
+from vlora_hf.processing import image_loading_vlora as loading
 from vlora_hf.processing import image_processing_vlora as ipv
-from vlora_hf.processing.image_processing_vlora import ImageInputError, VLoRAImageProcessor
+from vlora_hf.processing.image_loading_vlora import ImageInputError
+from vlora_hf.processing.image_processing_vlora import VLoRAImageProcessor
 
 IMAGE_TOKEN = 96  # tiny models: the placeholder id is the text vocab size
 
@@ -355,7 +357,7 @@ def test_url_fetch_is_bounded_checked_and_can_be_turned_off(http_server, monkeyp
                         ("/missing.png", "HTTP 404")):
         with pytest.raises(ImageInputError, match=f"'{url}{path}'.*{words}|{words}"):
             pixels(ip, f"{url}{path}")
-    monkeypatch.setattr(ipv, "MAX_FETCH_BYTES", 20)
+    monkeypatch.setattr(loading, "MAX_FETCH_BYTES", 20)
     with pytest.raises(ImageInputError, match=f"Image URL '{url}/red.png' announces {len(red)} bytes, more than "
                                               "the 20-byte limit"):
         pixels(ip, f"{url}/red.png")
@@ -383,6 +385,9 @@ def test_padding_and_resizing_never_allocate_more_than_the_bound(monkeypatch):
     monkeypatch.setattr(Image, "new", lambda mode, size, *a, **k: sizes.append(tuple(size)) or new(mode, size, *a, **k))
     monkeypatch.setattr(Image.Image, "resize",
                         lambda self, size, *a, **k: sizes.append(tuple(size)) or resize(self, size, *a, **k))
+    pad = VLoRAImageProcessor.pad_to_square  # the square padding allocates its (CHW) canvas in NumPy
+    monkeypatch.setattr(VLoRAImageProcessor, "pad_to_square",
+                        lambda self, im, *a, **k: sizes.append((max(im.shape[1:]),) * 2) or pad(self, im, *a, **k))
     ip = small_ip()
     for size in ((40000, 1), (1, 40000), (5000, 3000)):
         for aspect in ("pad", "square"):

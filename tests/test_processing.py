@@ -135,6 +135,34 @@ def test_pixel_parity_with_release(tmp_path):
     assert (nopad[2] - ref[2]).abs().max().item() < 1e-4  # the square image is unchanged
 
 
+def test_pad_switch_and_vision_config(tmp_path):
+    """``image_aspect_ratio`` and transformers' ``do_pad`` are one switch (both saved; an override of either at
+    load time replaces both); ``from_vision_config`` reads the tower's preprocessor_config.json when
+    the folder has one, else uses the tower's image size."""
+    from transformers import CLIPVisionConfig
+
+    assert (VLoRAImageProcessor().do_pad, VLoRAImageProcessor(do_pad=False).image_aspect_ratio) == (True, "square")
+    assert VLoRAImageProcessor(image_aspect_ratio="square").do_pad is False
+    with pytest.raises(ValueError, match="disagree"):
+        VLoRAImageProcessor(image_aspect_ratio="pad", do_pad=False)
+    ip = raw()
+    wide = np.zeros((4, 10, 3), np.uint8)
+    assert ip(wide, do_pad=False, return_tensors="np")["pixel_values"].shape == (1, 3, 4, 10)
+    assert ip(wide, image_aspect_ratio="square", return_tensors="np")["pixel_values"].shape == (1, 3, 4, 10)
+    ip.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert (saved["image_aspect_ratio"], saved["do_pad"]) == ("pad", True)
+    assert VLoRAImageProcessor.from_pretrained(tmp_path, image_aspect_ratio="square").do_pad is False
+    assert VLoRAImageProcessor.from_pretrained(tmp_path, do_pad=False).image_aspect_ratio == "square"
+    vision = CLIPVisionConfig(image_size=28)
+    built = VLoRAImageProcessor.from_vision_config(vision, tmp_path / "no-such-tower", image_aspect_ratio="square")
+    assert (dict(built.size), dict(built.crop_size), built.do_pad) == ({"shortest_edge": 28},
+                                                                       {"height": 28, "width": 28}, False)
+    if FIXTURE.is_dir():
+        tower = VLoRAImageProcessor.from_vision_config(vision, FIXTURE / "vision_tower")
+        assert dict(tower.size) == {"shortest_edge": 56} and tower.image_aspect_ratio == "pad"
+
+
 def test_pad_to_square_matches_expand2square():
     img = np.arange(4 * 10 * 3, dtype=np.uint8).reshape(4, 10, 3)  # h=4, w=10
     out = raw()(img, return_tensors="np")["pixel_values"][0]  # CHW
@@ -351,7 +379,7 @@ def test_auto_processor_remote_code_without_package(processor, tmp_path):
     processor.save_pretrained(tmp_path)
     names = {p.name for p in tmp_path.iterdir()}
     assert {"processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-            "processing_vlora.py", "image_processing_vlora.py", "chat_templates.py"} <= names
+            "processing_vlora.py", "image_processing_vlora.py", "image_loading_vlora.py", "chat_templates.py"} <= names
     cfg = json.loads((tmp_path / "processor_config.json").read_text())
     assert cfg["auto_map"]["AutoProcessor"] == "processing_vlora.VLoRAProcessor"
     assert cfg["image_processor"]["auto_map"]["AutoImageProcessor"] == "image_processing_vlora.VLoRAImageProcessor"

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .answering import answer_questions
         from .dtypes import pick_device_and_dtype
-        from .processing.image_processing_vlora import open_image_file
+        from .processing.image_loading_vlora import open_image_file
 
         images = [open_image_file(Path(p)) for p in args.image]
         device, dtype = pick_device_and_dtype(args.device, args.dtype)

@@ -268,12 +268,8 @@ def build_processor(tower: Path | None, tokenizer_dir: Path | None, config):
     """(VLoRAProcessor, or the image processor alone when there is no tokenizer)."""
     from vlora_hf.processing import VICUNA_V1_TEMPLATE, VLoRAImageProcessor, VLoRAProcessor
 
-    size = config.vision_config.image_size
-    if tower is not None and (tower / "preprocessor_config.json").is_file():
-        image_processor = VLoRAImageProcessor.from_tower_preprocessor(tower, image_aspect_ratio=config.image_aspect_ratio)
-    else:
-        image_processor = VLoRAImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                              image_aspect_ratio=config.image_aspect_ratio)
+    image_processor = VLoRAImageProcessor.from_vision_config(config.vision_config, tower,
+                                                             image_aspect_ratio=config.image_aspect_ratio)
     if tokenizer_dir is None:
         return image_processor
     from transformers import AutoTokenizer

@@ -26,11 +26,8 @@ def save_processor(processor, folder: Path, config) -> bool:
     if processor is None:
         from vlora_hf.processing import VLoRAImageProcessor
 
-        vc = config.vision_config
-        processor = VLoRAImageProcessor(
-            size={"shortest_edge": vc.image_size}, crop_size={"height": vc.image_size, "width": vc.image_size},
-            image_aspect_ratio=config.image_aspect_ratio if config.image_aspect_ratio in ("pad", "square") else "pad",
-        )
+        processor = VLoRAImageProcessor.from_vision_config(config.vision_config,
+                                                           image_aspect_ratio=config.image_aspect_ratio)
     if isinstance(processor, ProcessorMixin):
         token_id = getattr(processor, "image_token_id", None)
         if token_id is not None and int(token_id) != int(config.image_token_id):

@@ -10,46 +10,24 @@ is accepted too. Batches are padded on the left by default (generation-friendly)
 This file imports only its siblings and third-party libraries, so it can ship flat as remote code.
 """
 
-from __future__ import annotations
-
 from typing import Any
 
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import AudioKwargs, ProcessingKwargs, ProcessorMixin, TextKwargs, VideosKwargs
 from transformers.tokenization_utils_base import AddedToken
 
 from .chat_templates import BACKBONE, CHAT_TEMPLATES, PLAIN_TEMPLATE, VICUNA_V1_TEMPLATE, backbone_template
-from .image_processing_vlora import VLoRAImageProcessor
+from .image_processing_vlora import VLoRAImageProcessor, VLoRAImageProcessorKwargs
 
-_TOKENIZER_KWARGS = {
-    "padding",
-    "padding_side",
-    "truncation",
-    "max_length",
-    "stride",
-    "pad_to_multiple_of",
-    "add_special_tokens",
-    "return_attention_mask",
-    "return_token_type_ids",
-    "return_offsets_mapping",
-    "return_overflowing_tokens",
-    "return_special_tokens_mask",
-    "return_length",
-    "verbose",
-    "is_split_into_words",
-}
-# Keys the generic processor machinery may pass that we can safely ignore.
-_IGNORED_KWARGS = {
-    "return_mm_token_type_ids",
-    "return_text_replacement_offsets",
-    "sanitize_control_tokens",
-    "return_metadata",
-    "do_sample_frames",
-    "sampling_rate",
-}
 # A tokenizer without a real length limit reports a huge model_max_length (transformers: 1e30); below this
 # cut-off the value is a limit.
 NO_MAX_LENGTH = int(1e9)
+
+
+class VLoRAProcessorKwargs(ProcessingKwargs, total=False):
+    """What ``ProcessorMixin._merge_kwargs`` routes by (read at run time: no postponed annotations in this file)."""
+
+    images_kwargs: VLoRAImageProcessorKwargs
 
 
 def _is_image_like(obj) -> bool:
@@ -123,24 +101,23 @@ class VLoRAProcessor(ProcessorMixin):
         return int(n) if n is not None and n < NO_MAX_LENGTH else None
 
     def _split_kwargs(self, kwargs: dict) -> tuple[dict, dict, Any]:
-        text_kwargs = dict(kwargs.pop("text_kwargs", None) or {})
-        images_kwargs = dict(kwargs.pop("images_kwargs", None) or {})
-        common = dict(kwargs.pop("common_kwargs", None) or {})
-        kwargs.pop("videos_kwargs", None)
-        kwargs.pop("audio_kwargs", None)
-        return_tensors = kwargs.pop("return_tensors", common.pop("return_tensors", None))
-        text_kwargs.pop("return_tensors", None)
-        images_kwargs.pop("return_tensors", None)
-        image_keys = set(getattr(self.image_processor, "valid_kwargs", dict).__annotations__)
-        for key, value in {**common, **kwargs}.items():
-            if key in _IGNORED_KWARGS:
-                continue
-            if key in image_keys:
-                images_kwargs[key] = value
-            elif key in _TOKENIZER_KWARGS:
-                text_kwargs[key] = value
-            else:
+        """-> (tokenizer kwargs, image processor kwargs, return_tensors), routed by ``ProcessorMixin._merge_kwargs``
+        from the keys transformers' typed kwargs declare. A key that no modality declares is an error (transformers
+        would only warn); keys of modalities VLoRA does not take (videos, audio) are accepted and dropped. The
+        tokenizer's init kwargs are not merged in: the processor's ``padding_side`` stays the default."""
+        image_keys = getattr(self.image_processor, "valid_kwargs", VLoRAImageProcessorKwargs).__annotations__
+        known = set(VLoRAProcessorKwargs.__annotations__) | {"common_kwargs"} | set(image_keys)
+        for typed in (TextKwargs, VideosKwargs, AudioKwargs):
+            known |= set(typed.__annotations__)
+        for key in kwargs:
+            if key not in known:
                 raise TypeError(f"VLoRAProcessor got an unexpected keyword argument {key!r}")
+        merged = self._merge_kwargs(VLoRAProcessorKwargs, **kwargs)
+        text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
+        for key in VLoRAProcessorKwargs.__annotations__:  # processor-level flags, not the tokenizer's
+            text_kwargs.pop(key, None)
+        return_tensors = text_kwargs.pop("return_tensors", None)
+        images_kwargs.pop("return_tensors", None)
         return text_kwargs, images_kwargs, return_tensors
 
     @staticmethod

@@ -1,82 +1,66 @@
-"""Image processor for VLoRA: the release's square padding, then the vision tower's own preprocessing.
+"""Image processor for VLoRA: transformers' LLaVA image processor (PIL backend), whose square padding is the
+release's, in front of the vision tower's own preprocessing.
 
-``image_aspect_ratio="pad"`` (the release's default for VLoRA) pads every image to a square with the mean
-colour (``tuple(int(x * 255) for x in image_mean)``), the image centred at ``((max - w) // 2, (max - h) // 2)``
-exactly like the release's ``expand2square``; then the tower's resize / centre crop / rescale / normalise
-run as in transformers' ``CLIPImageProcessorPil`` (CLIP towers) or ``SiglipImageProcessorPil`` (SigLIP towers:
-pass ``size={"height": S, "width": S}``, ``do_center_crop=False``, mean/std 0.5), on the PIL backend.
+``image_aspect_ratio="pad"`` (the release's default for VLoRA, ``do_pad=True``) pads every image to a square with
+the mean colour (``tuple(int(x * 255) for x in image_mean)``), the image centred at ``((max - w) // 2,
+(max - h) // 2)``: ``LlavaImageProcessorPil.pad_to_square``, pixel for pixel the release's ``expand2square``.
+Then resize / centre crop / rescale / normalise run as for CLIP towers (the defaults) or SigLIP towers (pass
+``size={"height": S, "width": S}``, ``do_center_crop=False``, mean/std 0.5). ``"square"`` (``do_pad=False``)
+skips the padding.
 
-Every source (file path, URL, ``data:`` URL, bytes, file object, PIL image, NumPy array, torch tensor) goes
-through one decode path, :func:`load_image`:
+Before that, every source is decoded by the sibling module ``image_loading_vlora`` (file path, URL, ``data:``
+URL, bytes, file object, PIL image, NumPy array, torch tensor; EXIF orientation, transparency over the mean
+colour, array ranges, the remote-URL policy), and a very large or very elongated image is shrunk so that no canvas
+(padding, resizing) is larger than :data:`MAX_CANVAS_SIDE` squared pixels.
 
-- EXIF orientation is applied for every source (the image is read upright, as a viewer shows it);
-- transparency is composited over the mean colour; L/LA/P/CMYK/I;16/I/F become 8-bit RGB;
-- arrays and tensors (HW, HWC or CHW) are read by dtype: ``uint8`` 0-255, ``uint16`` 0-65535, other integers
-  0-255, ``bool`` 0-1, floats 0-1; ``array_range=(low, high)`` says otherwise (e.g. ``(-1, 1)``, ``(0, 255)``).
-  A value outside the range is an error naming the range found, never a silent rescale or clip;
-- remote URLs are fetched with a timeout, a size cap (:data:`MAX_FETCH_BYTES`) and at most
-  :data:`MAX_REDIRECTS` checked redirects; ``allow_remote_images=False`` or the environment variable
-  ``VLORA_HF_REMOTE_IMAGES=0`` refuses them (for servers, see :func:`remote_images_allowed`);
-- decoding is bounded by Pillow's ``Image.MAX_IMAGE_PIXELS`` and no canvas (padding, resizing) is larger than
-  :data:`MAX_CANVAS_SIDE` squared pixels: very large or very elongated images are shrunk first.
-
-Every problem raises :class:`ImageInputError` (a ``ValueError``) naming the image and the problem.
-This file imports only third-party libraries, so it can ship flat as remote code.
+This file imports only its sibling and third-party libraries, so it ships flat as remote code.
 """
 
-from __future__ import annotations
-
-import base64
-import io
+import json
 import os
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
-import warnings
-from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
-from transformers import CLIPImageProcessorPil
+from PIL import Image
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.processing_utils import ImagesKwargs
 
+from .image_loading_vlora import ImageInputError, flatten_images, to_rgb_pil
+
 IMAGE_ASPECT_RATIOS = ("pad", "square")
-REMOTE_IMAGES_ENV = "VLORA_HF_REMOTE_IMAGES"
-FETCH_TIMEOUT = 10.0  # seconds for a whole URL fetch
-MAX_FETCH_BYTES = 32 * 2**20
-MAX_REDIRECTS = 3
 MAX_CANVAS_SIDE = 4096  # 4096 x 4096 RGB = 48 MiB: the largest canvas padding or resizing may allocate
-_EXIF_ORIENTATION = 0x0112
-
-
-class ImageInputError(ValueError):
-    """An image that cannot be read as given (the message names the image and the problem)."""
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
 
 class VLoRAImageProcessorKwargs(ImagesKwargs, total=False):
-    """``image_aspect_ratio``: ``"pad"`` (square padding with the mean colour, the release's VLoRA setting)
-    or ``"square"`` (no padding: the tower's resize/centre crop only). ``array_range``: the (low, high) values
-    of array/tensor images (default: by dtype). ``allow_remote_images``: False refuses http(s) URLs.
-    ``image_fetch_timeout``: seconds for fetching one URL (default :data:`FETCH_TIMEOUT`)."""
+    """``image_aspect_ratio``: ``"pad"`` (square padding with the mean colour, the release's VLoRA setting; the
+    same as ``do_pad=True``) or ``"square"`` (no padding: the tower's resize/centre crop only). ``array_range``:
+    the (low, high) values of array/tensor images (default: by dtype). ``allow_remote_images``: False refuses
+    http(s) URLs. ``image_fetch_timeout``: seconds for fetching one URL (default ``FETCH_TIMEOUT``)."""
 
-    image_aspect_ratio: str
-    array_range: tuple[float, float] | list[float] | None
+    # transformers checks these types at run time; `array_range`'s values are checked by the decoder, with its errors
+    image_aspect_ratio: str | None
+    array_range: tuple | list | None
     allow_remote_images: bool | None
     image_fetch_timeout: float | int | None
 
 
-def remote_images_allowed(allow: bool | None = None) -> bool:
-    """Whether http(s) image URLs may be fetched: never when ``allow`` is False or the environment sets
-    ``VLORA_HF_REMOTE_IMAGES=0`` (also "false", "no", "off"); the environment wins over ``allow=True``,
-    so a server can turn fetching off for every processor it builds."""
-    refused = os.environ.get(REMOTE_IMAGES_ENV, "1").strip().lower() in ("0", "false", "no", "off")
-    return not refused and allow is not False
+def pad_mode(image_aspect_ratio: str | None = None, do_pad: bool | None = None) -> dict:
+    """The two spellings of the padding switch made to agree: ``image_aspect_ratio`` (what saved configs carry)
+    and ``do_pad`` (transformers' LLaVA name). Neither given -> ``{}``; both given and different -> an error."""
+    if image_aspect_ratio is None:
+        return {} if do_pad is None else {"image_aspect_ratio": "pad" if do_pad else "square", "do_pad": bool(do_pad)}
+    if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+        raise ValueError(f"image_aspect_ratio must be one of {IMAGE_ASPECT_RATIOS}, got {image_aspect_ratio!r}")
+    padded = image_aspect_ratio == "pad"
+    if do_pad is not None and bool(do_pad) != padded:
+        raise ValueError(f"image_aspect_ratio={image_aspect_ratio!r} and do_pad={do_pad} disagree: give one of them")
+    return {"image_aspect_ratio": image_aspect_ratio, "do_pad": padded}
 
 
 def expand2square(pil_img: Image.Image, background_color) -> Image.Image:
-    """The release's ``expand2square`` (LLaVA ``mm_utils``), unchanged."""
+    """The release's ``expand2square`` (LLaVA ``mm_utils``), unchanged: the reference the processor's padding
+    (``LlavaImageProcessorPil.pad_to_square``) is tested against, and a helper for callers padding PIL images."""
     width, height = pil_img.size
     if width == height:
         return pil_img
@@ -87,258 +71,6 @@ def expand2square(pil_img: Image.Image, background_color) -> Image.Image:
     result = Image.new(pil_img.mode, (height, height), background_color)
     result.paste(pil_img, ((height - width) // 2, 0))
     return result
-
-
-def _mean_color(image_mean) -> tuple[int, int, int]:
-    if isinstance(image_mean, (int, float)):
-        image_mean = [image_mean] * 3
-    mean = list(image_mean)
-    if len(mean) == 1:
-        mean = mean * 3
-    return tuple(int(x * 255) for x in mean[:3])
-
-
-# ----- fetching ------------------------------------------------------------------------------------------------
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None  # the 3xx surfaces as an HTTPError: `fetch_url` follows it after checking the target
-
-
-def _read_capped(response, url: str, max_bytes: int, deadline: float) -> bytes:
-    length = response.headers.get("Content-Length")
-    if length and length.isdigit() and int(length) > max_bytes:
-        raise ImageInputError(f"Image URL {url!r} announces {int(length)} bytes, more than the {max_bytes}-byte limit.")
-    chunks, total = [], 0
-    while chunk := response.read1(1 << 16):
-        total += len(chunk)
-        if total > max_bytes:
-            raise ImageInputError(f"Image URL {url!r} sent more than the {max_bytes}-byte limit.")
-        if time.monotonic() > deadline:
-            raise TimeoutError
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def fetch_url(url: str, *, timeout: float | None = None, max_bytes: int | None = None,
-              allow_remote: bool | None = None) -> bytes:
-    """GET an http(s) image URL within ``timeout`` seconds in all and ``max_bytes``, following at most
-    :data:`MAX_REDIRECTS` redirects, each to an http(s) URL and never from https down to http. Every failure is an
-    :class:`ImageInputError` naming the URL; a refused fetch (see :func:`remote_images_allowed`) sends nothing."""
-    if not remote_images_allowed(allow_remote):
-        raise ImageInputError(
-            f"Refusing to fetch image URL {url!r}: remote images are turned off (allow_remote_images=False or "
-            f"{REMOTE_IMAGES_ENV}=0). Pass the image as a file, bytes or an array instead."
-        )
-    timeout = FETCH_TIMEOUT if timeout is None else float(timeout)
-    max_bytes = MAX_FETCH_BYTES if max_bytes is None else int(max_bytes)
-    deadline = time.monotonic() + timeout
-    opener = urllib.request.build_opener(_NoRedirects)
-    current = url
-    for _ in range(MAX_REDIRECTS + 1):
-        parts = urllib.parse.urlsplit(current)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ImageInputError(f"Image URL {url!r} leads to {current!r}, which is not an http(s) URL.")
-        try:
-            request = urllib.request.Request(current, headers={"User-Agent": "vlora-hf"})
-            with opener.open(request, timeout=max(deadline - time.monotonic(), 0.001)) as response:
-                return _read_capped(response, url, max_bytes, deadline)
-        except urllib.error.HTTPError as err:
-            err.close()
-            location = err.headers.get("Location") if err.code in (301, 302, 303, 307, 308) else None
-            if not location:
-                raise ImageInputError(f"Could not fetch image URL {url!r}: HTTP {err.code} {err.reason}.") from None
-            target = urllib.parse.urljoin(current, location)
-            if parts.scheme == "https" and target.lower().startswith("http:"):
-                raise ImageInputError(f"Image URL {url!r} redirects from https down to http ({target!r}).") from None
-            current = target
-        except (TimeoutError, urllib.error.URLError, OSError) as err:
-            reason = getattr(err, "reason", err)
-            if isinstance(reason, TimeoutError) or isinstance(err, TimeoutError):
-                raise ImageInputError(f"Fetching image URL {url!r} timed out after {timeout:g} s.") from None
-            raise ImageInputError(f"Could not fetch image URL {url!r}: {reason}.") from None
-    raise ImageInputError(f"Image URL {url!r} redirects more than {MAX_REDIRECTS} times.")
-
-
-def _data_url_bytes(url: str) -> bytes:
-    header, sep, payload = url.partition(",")
-    if not sep:
-        raise ImageInputError(f"Malformed data URL {url[:40]!r}...: no ',' before the data.")
-    try:
-        if header.endswith(";base64"):
-            return base64.b64decode(payload, validate=True)
-        return urllib.parse.unquote_to_bytes(payload)
-    except ValueError as err:
-        raise ImageInputError(f"Malformed data URL {url[:40]!r}...: {err}.") from None
-
-
-# ----- decoding ------------------------------------------------------------------------------------------------
-def open_image_file(source, *, what: str | None = None) -> Image.Image:
-    """Open and fully decode an image from a path, bytes or a file object, with clear errors."""
-    name = what or (str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__)
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        source = io.BytesIO(bytes(source))
-    elif isinstance(source, (str, os.PathLike)):
-        if not os.path.isfile(source):
-            raise ImageInputError(f"Image file not found: {name!r}")
-    try:
-        with warnings.catch_warnings():
-            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; treat both as the same guard.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(source)
-            image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageInputError(
-            f"Image {name!r} is too large to decode safely (Pillow's decompression-bomb guard, "
-            f"Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}): {err}. Raise PIL.Image.MAX_IMAGE_PIXELS if the "
-            "image is trusted."
-        ) from None
-    except UnidentifiedImageError as err:
-        raise ImageInputError(f"Could not read image {name!r}: not a recognised image format ({err}).") from None
-    except (OSError, SyntaxError, EOFError, ValueError) as err:
-        raise ImageInputError(f"Could not decode image {name!r}: the file is truncated or corrupt ({err}).") from None
-    return image
-
-
-def _default_range(dtype: np.dtype) -> tuple[float, float]:
-    if dtype == np.bool_:
-        return 0.0, 1.0
-    if dtype.kind == "u" and dtype.itemsize == 2:
-        return 0.0, 65535.0
-    if dtype.kind in "iu":
-        return 0.0, 255.0
-    if dtype.kind == "f":
-        return 0.0, 1.0
-    raise ImageInputError(f"Image arrays of dtype {dtype} are not supported: give integers, bool or real floats.")
-
-
-def _to_uint8(arr: np.ndarray, array_range=None) -> np.ndarray:
-    """Map ``array_range`` (default: by dtype) onto 0-255; values outside it are an error naming both ranges."""
-    if array_range is None:
-        low, high = _default_range(arr.dtype)
-        expected = f"{arr.dtype} images"
-    else:
-        _default_range(arr.dtype)  # the dtype must be a real number type either way
-        low, high = (float(x) for x in array_range)
-        if not (np.isfinite([low, high]).all() and low < high):
-            raise ImageInputError(f"array_range={tuple(array_range)} must be two finite numbers, low < high.")
-        expected = f"array_range=({low:g}, {high:g})"
-    if arr.dtype == np.uint8 and (low, high) == (0.0, 255.0):
-        return arr
-    values = arr.astype(np.float64)
-    if not np.isfinite(values).all():
-        raise ImageInputError("Image array contains NaN or infinite values.")
-    found_low, found_high = float(values.min()), float(values.max())
-    if found_low < low or found_high > high:
-        raise ImageInputError(
-            f"Image array values span [{found_low:g}, {found_high:g}], outside the range [{low:g}, {high:g}] "
-            f"expected for {expected}. Pass array_range=(low, high) to say how to read them, e.g. (0, 255) for "
-            "floats in 0-255 or (-1, 1) for normalised values."
-        )
-    return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
-
-
-def _array_to_pil(array: np.ndarray, channels_first_hint: bool, array_range=None) -> Image.Image:
-    """HW / HWC / CHW array (any real dtype) -> PIL image (L, LA, RGB or RGBA, 8 bit)."""
-    arr = np.asarray(array)
-    if arr.ndim == 3 and arr.shape[0] == 1 and arr.shape[-1] not in (1, 2, 3, 4):
-        arr = arr[0]
-    if arr.ndim == 3:
-        first_ok, last_ok = arr.shape[0] in (1, 2, 3, 4), arr.shape[-1] in (1, 2, 3, 4)
-        if first_ok and last_ok:
-            # ambiguous (e.g. a 3x3 RGB image): torch tensors are channels-first, arrays channels-last, except
-            # a trailing 1 with 3/4 leading channels (e.g. [3, 1, 1]: one RGB pixel).
-            chw = channels_first_hint or (arr.shape[-1] == 1 and arr.shape[0] in (3, 4))
-        else:
-            chw = first_ok
-        if not (first_ok or last_ok):
-            raise ImageInputError(
-                f"Cannot interpret an image array of shape {tuple(arr.shape)}: expected HW, HWC or CHW with 1-4 "
-                "channels."
-            )
-        if chw:
-            arr = np.moveaxis(arr, 0, -1)
-        if arr.shape[-1] == 1:
-            arr = arr[..., 0]
-    elif arr.ndim != 2:
-        raise ImageInputError(
-            f"Cannot interpret an image array of shape {tuple(arr.shape)}: expected HW, HWC or CHW (one image)."
-        )
-    if arr.size == 0 or min(arr.shape[:2]) == 0:
-        raise ImageInputError(f"Empty image (shape {tuple(np.asarray(array).shape)}).")
-    arr = _to_uint8(arr, array_range)
-    mode = "L" if arr.ndim == 2 else {2: "LA", 3: "RGB", 4: "RGBA"}[arr.shape[-1]]
-    return Image.fromarray(np.ascontiguousarray(arr), mode=mode)
-
-
-def _tensor_to_numpy(tensor) -> np.ndarray:
-    tensor = tensor.detach().cpu()
-    if str(tensor.dtype) in ("torch.bfloat16", "torch.float16"):
-        tensor = tensor.float()
-    return tensor.numpy()
-
-
-def load_image(source: Any, *, allow_remote: bool | None = None, timeout: float | None = None,
-               array_range=None) -> Image.Image:
-    """The one decode path for every image source -> a PIL image in its own mode, upright.
-
-    ``source``: a PIL image, a file path, an http(s) URL (see :func:`fetch_url`), a ``data:`` URL, bytes, a
-    binary file object, a NumPy array or a torch tensor (read as described in the module docstring). EXIF
-    orientation is applied whatever the source, so a file, its bytes, its URL and ``Image.open(file)`` give the
-    same pixels.
-    """
-    if isinstance(source, Image.Image):
-        image = source
-    elif isinstance(source, (str, os.PathLike)):
-        text = os.fspath(source)
-        scheme = text[:8].lower() if isinstance(text, str) else ""
-        if scheme.startswith(("http://", "https://")):
-            image = open_image_file(fetch_url(text, timeout=timeout, allow_remote=allow_remote), what=text)
-        elif scheme.startswith("data:"):
-            image = open_image_file(_data_url_bytes(text), what=f"{text[:40]}...")
-        else:
-            image = open_image_file(source)
-    elif isinstance(source, (bytes, bytearray, memoryview)) or hasattr(source, "read"):
-        image = open_image_file(source, what="<bytes>")
-    elif type(source).__module__.startswith("torch"):
-        image = _array_to_pil(_tensor_to_numpy(source), True, array_range)
-    elif isinstance(source, np.ndarray):
-        image = _array_to_pil(source, False, array_range)
-    else:
-        raise ImageInputError(
-            f"Unsupported image type {type(source).__name__}: expected a PIL image, a NumPy array, a torch tensor, "
-            "a file path, a URL or bytes."
-        )
-    if image.width == 0 or image.height == 0:
-        raise ImageInputError(f"Empty image (size {image.size}).")
-    if image.getexif().get(_EXIF_ORIENTATION, 1) not in (1, None):
-        image = ImageOps.exif_transpose(image)
-    return image
-
-
-def to_rgb_pil(image: Any, background=(0, 0, 0), array_range=None, **load_kwargs) -> Image.Image:
-    """Any supported image input -> 8-bit RGB PIL image; transparency composited over ``background``.
-
-    PIL ``I;16`` and ``I`` images are read as 16-bit (0-65535) and ``F`` images as floats (0-1) unless
-    ``array_range`` says otherwise.
-    """
-    image = load_image(image, array_range=array_range, **load_kwargs)
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode.startswith("I") or mode == "F":
-        arr = np.asarray(image)
-        if mode != "F" and array_range is None:
-            array_range = (0, 65535)
-        return Image.fromarray(_to_uint8(arr, array_range), mode="L").convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        base = Image.new("RGBA", rgba.size, tuple(int(c) for c in background) + (255,))
-        return Image.alpha_composite(base, rgba).convert("RGB")
-    try:
-        return image.convert("RGB")
-    except (ValueError, OSError) as err:
-        raise ImageInputError(f"Cannot convert a PIL image of mode {mode!r} to RGB: {err}") from None
 
 
 def fit_canvas(image: Image.Image, image_aspect_ratio: str, size) -> Image.Image:
@@ -360,26 +92,13 @@ def fit_canvas(image: Image.Image, image_aspect_ratio: str, size) -> Image.Image
     return image
 
 
-def _flatten_images(images) -> list:
-    """Single image, list, or nested list (one list per text row) -> flat list."""
-    if isinstance(images, (list, tuple)):
-        out = []
-        for item in images:
-            out.extend(_flatten_images(item))
-        return out
-    if type(images).__module__.startswith("torch") or isinstance(images, np.ndarray):
-        if images.ndim == 4:
-            return [images[i] for i in range(images.shape[0])]
-    return [images]
-
-
-class VLoRAImageProcessor(CLIPImageProcessorPil):
-    r"""CLIP/SigLIP image processor (PIL backend) with the VLoRA release's ``pad`` mode.
+class VLoRAImageProcessor(LlavaImageProcessorPil):
+    r"""LLaVA image processor (PIL backend) with the VLoRA release's defaults and one decode path for every source.
 
     Defaults are CLIP ViT-L/14-336's (``size={"shortest_edge": 336}``, ``crop_size=336``, OpenAI mean/std,
-    bicubic); build one from a tower's ``preprocessor_config.json`` with :meth:`from_tower_preprocessor`.
+    bicubic) with ``image_aspect_ratio="pad"``; build one for a tower with :meth:`from_vision_config`.
     ``allow_remote_images=False`` (here or per call) refuses http(s) image URLs; ``array_range`` and
-    ``image_fetch_timeout`` are described in the module docstring.
+    ``image_fetch_timeout`` are described in :class:`VLoRAImageProcessorKwargs`.
     """
 
     valid_kwargs = VLoRAImageProcessorKwargs
@@ -388,90 +107,91 @@ class VLoRAImageProcessor(CLIPImageProcessorPil):
     image_std = OPENAI_CLIP_STD
     size = {"shortest_edge": 336}
     crop_size = {"height": 336, "width": 336}
+    do_pad = True
     image_aspect_ratio = "pad"
     array_range = None
     allow_remote_images = None
     image_fetch_timeout = None
 
     def __init__(self, **kwargs):
-        aspect = kwargs.get("image_aspect_ratio")
-        if aspect is not None and aspect not in IMAGE_ASPECT_RATIOS:
-            raise ValueError(f"image_aspect_ratio must be one of {IMAGE_ASPECT_RATIOS}, got {aspect!r}")
+        kwargs.update(pad_mode(kwargs.pop("image_aspect_ratio", None), kwargs.pop("do_pad", None)))
         super().__init__(**kwargs)
 
     @classmethod
-    def from_tower_preprocessor(cls, config_or_path, image_aspect_ratio: str = "pad", **overrides):
-        """Build from a vision tower's ``preprocessor_config.json`` (a dict, the file, or its folder)."""
-        import json
+    def from_vision_config(cls, vision_config, tower=None, **overrides):
+        """The image processor for a vision tower: the tower's own ``preprocessor_config.json`` when the folder
+        ``tower`` holds one, else square inputs of ``vision_config.image_size`` (shortest-edge resize, centre
+        crop). ``overrides`` (``image_aspect_ratio``, ``image_mean``, ...) win over either."""
+        if tower is not None and os.path.isfile(os.path.join(os.fspath(tower), PREPROCESSOR_CONFIG)):
+            return cls.from_tower_preprocessor(tower, **overrides)
+        side = vision_config.image_size
+        return cls(**{"size": {"shortest_edge": side}, "crop_size": {"height": side, "width": side}, **overrides})
 
+    @classmethod
+    def from_tower_preprocessor(cls, config_or_path, image_aspect_ratio: str | None = None, **overrides):
+        """Build from a vision tower's ``preprocessor_config.json`` (a dict, the file, or its folder); the padding
+        is ``image_aspect_ratio`` (or ``do_pad``), default ``"pad"``, whatever the file says."""
         cfg = config_or_path
         if isinstance(cfg, (str, os.PathLike)):
             path = os.fspath(cfg)
             if os.path.isdir(path):
-                path = os.path.join(path, "preprocessor_config.json")
+                path = os.path.join(path, PREPROCESSOR_CONFIG)
             with open(path, encoding="utf-8") as f:
                 cfg = json.load(f)
-        cfg = dict(cfg)
-        proc_type = str(cfg.get("image_processor_type", ""))
-        keep = set(cls.valid_kwargs.__annotations__) | {"size", "crop_size"}
-        kwargs = {k: v for k, v in cfg.items() if k in keep}
-        if "siglip" in proc_type.lower():
+        keep = (set(cls.valid_kwargs.__annotations__) | {"size", "crop_size"}) - {"image_aspect_ratio", "do_pad"}
+        kwargs = {k: v for k, v in dict(cfg).items() if k in keep}
+        if "siglip" in str(cfg.get("image_processor_type", "")).lower():
             kwargs.setdefault("do_center_crop", False)
             kwargs.setdefault("image_mean", [0.5, 0.5, 0.5])
             kwargs.setdefault("image_std", [0.5, 0.5, 0.5])
-        kwargs["image_aspect_ratio"] = image_aspect_ratio
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        return cls(**{**kwargs, "image_aspect_ratio": image_aspect_ratio, **overrides})
+
+    @classmethod
+    def from_dict(cls, image_processor_dict, **kwargs):
+        # A load-time `image_aspect_ratio` or `do_pad` replaces the saved padding switch (both spellings of it).
+        if kwargs.get("image_aspect_ratio") is not None or kwargs.get("do_pad") is not None:
+            image_processor_dict = {k: v for k, v in image_processor_dict.items()
+                                    if k not in ("image_aspect_ratio", "do_pad")}
+        return super().from_dict(image_processor_dict, **kwargs)
+
+    def _standardize_kwargs(self, image_mean=None, **kwargs) -> dict:
+        # One mean per RGB channel: the padding colour needs three (a scalar or a one-item mean is the same for each).
+        if image_mean is not None and np.size(image_mean) == 1:
+            image_mean = (float(np.ravel(image_mean)[0]),) * 3
+        return super()._standardize_kwargs(image_mean=image_mean, **kwargs)
 
     def fetch_images(self, image_url_or_urls):
-        # Paths/URLs/bytes are decoded in `preprocess`, through `load_image`; leave everything as is here.
+        # Paths/URLs/bytes are decoded in `_prepare_image_like_inputs`, through `load_image`: leave them as they are.
         return image_url_or_urls
 
-    def prepare_images(self, images, image_mean=None, image_aspect_ratio=None, size=None, array_range=None,
-                       allow_remote_images=None, image_fetch_timeout=None) -> list[Image.Image]:
-        """Decode/convert every image to RGB PIL and apply the aspect-ratio mode (no resizing yet)."""
-        image_mean = self.image_mean if image_mean is None else image_mean
-        image_aspect_ratio = self.image_aspect_ratio if image_aspect_ratio is None else image_aspect_ratio
-        if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
-            raise ValueError(f"image_aspect_ratio must be one of {IMAGE_ASPECT_RATIOS}, got {image_aspect_ratio!r}")
-        allow = self.allow_remote_images if allow_remote_images is None else allow_remote_images
-        background = _mean_color(image_mean)
-        flat = _flatten_images(images)
+    def preprocess(self, images, *args, **kwargs):
+        kwargs.update(pad_mode(kwargs.pop("image_aspect_ratio", None), kwargs.pop("do_pad", None)))
+        return super().preprocess(images, *args, **kwargs)
+
+    def _prepare_image_like_inputs(self, images, *args, expected_ndims: int = 3, **kwargs):
+        """Decode every image to RGB PIL (transparency over the mean colour), bound its canvas, then let the backend
+        turn it into a CHW array; the padding, resize and the rest follow in ``_preprocess``."""
+        mean = kwargs["image_mean"]
+        background = tuple(int(x * 255) for x in mean) if mean else (0, 0, 0)  # the padding colour (see `_preprocess`)
+        flat = flatten_images(images)
         if len(flat) == 0:
             raise ImageInputError("No images were given to the image processor.")
-        out = []
+        decoded = []
         for index, image in enumerate(flat):
             if image is None:
                 raise ImageInputError(f"Image {index} is None.")
-            pil = to_rgb_pil(image, background=background, allow_remote=allow,
-                             array_range=self.array_range if array_range is None else array_range,
-                             timeout=self.image_fetch_timeout if image_fetch_timeout is None else image_fetch_timeout)
-            pil = fit_canvas(pil, image_aspect_ratio, self.size if size is None else size)
-            if image_aspect_ratio == "pad":
-                pil = expand2square(pil, background)
-            out.append(pil)
-        return out
-
-    def preprocess(self, images, *args, **kwargs):
-        own = {key: kwargs.pop(key, None) for key in ("array_range", "allow_remote_images", "image_fetch_timeout")}
-        aspect = kwargs.pop("image_aspect_ratio", None)
-        pil_images = self.prepare_images(images, image_mean=kwargs.get("image_mean"), image_aspect_ratio=aspect,
-                                         size=kwargs.get("size"), **own)
-        kwargs["image_aspect_ratio"] = aspect if aspect is not None else self.image_aspect_ratio
-        kwargs.pop("input_data_format", None)
+            rgb = to_rgb_pil(image, background=background, array_range=kwargs["array_range"],
+                             allow_remote=kwargs["allow_remote_images"], timeout=kwargs["image_fetch_timeout"])
+            decoded.append(fit_canvas(rgb, kwargs["image_aspect_ratio"], kwargs["size"]))
         kwargs["do_convert_rgb"] = False  # already RGB
-        return super().preprocess(pil_images, *args, **kwargs)
-
-    def process_image(self, image, *args, image_aspect_ratio=None, **kwargs):
-        # Images arrive here already converted (see `preprocess`); the base class turns them into CHW arrays.
-        return super().process_image(image, *args, **kwargs)
+        return super()._prepare_image_like_inputs(decoded, *args, expected_ndims=expected_ndims, **kwargs)
 
 
 __all__ = [
-    "VLoRAImageProcessor", "ImageInputError", "load_image", "fetch_url", "remote_images_allowed", "expand2square",
-    "to_rgb_pil", "open_image_file", "fit_canvas", "IMAGE_ASPECT_RATIOS", "REMOTE_IMAGES_ENV", "MAX_FETCH_BYTES",
-    "MAX_CANVAS_SIDE",
+    "VLoRAImageProcessor", "VLoRAImageProcessorKwargs", "IMAGE_ASPECT_RATIOS", "MAX_CANVAS_SIDE", "expand2square",
+    "fit_canvas", "pad_mode",
 ]
 
-# Saving writes an auto_map entry and copies this file, so AutoImageProcessor can load it as remote code.
+# Saving writes an auto_map entry and copies this file and its sibling, so AutoImageProcessor can load it as
+# remote code.
 VLoRAImageProcessor.register_for_auto_class("AutoImageProcessor")

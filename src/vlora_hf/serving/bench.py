@@ -39,8 +39,7 @@ def build_models(root: Path, quick: bool, seed: int = 0):
     vlora = build_vlora(sizes, llava, seed=seed + 1)
     build_text_only(sizes, llava).save_pretrained(root / "llava_backbone")
     vlora.save_pretrained(root / "vlora")
-    n = sizes.image_size
-    VLoRAImageProcessor(size={"shortest_edge": n}, crop_size={"height": n, "width": n}).save_pretrained(root / "vlora")
+    VLoRAImageProcessor.from_vision_config(vlora.config.vision_config).save_pretrained(root / "vlora")
     return sizes, llava, vlora
 
 

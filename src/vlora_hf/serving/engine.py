@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..processing.image_processing_vlora import load_image
+from ..processing.image_loading_vlora import load_image
 from .adapters import AdapterFactory, image_key, write_adapter
 from .export import cached_export
 from .plugin import TOKENIZER_MODE

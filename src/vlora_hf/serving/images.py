@@ -6,7 +6,7 @@ import base64
 import binascii
 from dataclasses import dataclass
 
-from ..processing.image_processing_vlora import ImageInputError, fetch_url, load_image
+from ..processing.image_loading_vlora import ImageInputError, fetch_url, load_image
 
 
 @dataclass

@@ -24,7 +24,7 @@ def is_llava(model) -> bool:
 
 
 def image_processor_for(kwargs: dict | None, vision_config) -> CLIPImageProcessorPil:
-    """Square inputs of the tower's size, as `build_image_processor` makes them for VLoRA (a square image is
+    """Square inputs of the tower's size, as `VLoRAImageProcessor.from_vision_config` makes them for VLoRA (a square image is
     never padded, so both processors give the same pixels)."""
     kwargs = {k: v for k, v in (kwargs or {}).items() if k not in ("image_aspect_ratio", "array_range")}
     kwargs.setdefault("size", {"shortest_edge": vision_config.image_size})

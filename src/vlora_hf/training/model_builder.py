@@ -2,8 +2,6 @@
 transformers text model plus a vision tower (their weights copied in unchanged), or configs (random weights,
 with a tokenizer trained on the run's own text)."""
 
-from pathlib import Path
-
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
@@ -24,18 +22,6 @@ def resolve_chat_template(name_or_template: str | None) -> str | None:
         raise ValueError(f"chat_template {name_or_template!r} is neither a known name {sorted(CHAT_TEMPLATES)} "
                          "nor jinja")
     return name_or_template
-
-
-def build_image_processor(kwargs: dict | None, vision_config, source=None) -> VLoRAImageProcessor:
-    """The tower's own preprocessing when `source` is a tower folder with one, else square inputs of the
-    tower's image size; `kwargs` (image_mean, ...) override either."""
-    kwargs = dict(kwargs or {})
-    if source is not None and Path(source, "preprocessor_config.json").is_file():
-        return VLoRAImageProcessor.from_tower_preprocessor(source, **kwargs)
-    size = vision_config.image_size
-    kwargs.setdefault("size", {"shortest_edge": size})
-    kwargs.setdefault("crop_size", {"height": size, "width": size})
-    return VLoRAImageProcessor(**kwargs)
 
 
 def build_processor(tokenizer, image_processor, chat_template: str | None = None) -> VLoRAProcessor:
@@ -66,7 +52,8 @@ def from_pretrained_parts(args: ModelArguments):
     tower_config = AutoConfig.from_pretrained(args.vision_tower)
     tower_config = getattr(tower_config, "vision_config", None) or tower_config  # a full CLIP / SigLIP folder
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.text_model)
-    image_processor = build_image_processor(args.image_processor, tower_config, args.vision_tower)
+    image_processor = VLoRAImageProcessor.from_vision_config(tower_config, args.vision_tower,
+                                                             **(args.image_processor or {}))
     processor = build_processor(tokenizer, image_processor, args.chat_template)
     vlora = {"image_token_id": processor.image_token_id, **(args.vlora or {})}
     model = VLoRAForCausalLM.from_text_and_vision_pretrained(args.text_model, args.vision_tower,
@@ -101,8 +88,8 @@ def from_configs(args: ModelArguments, rows=None, multi_turn: bool = False):
     """Random weights (stage scratch). rows: the (image, question, answer) rows a built tokenizer learns from."""
     tokenizer, text_config = configs_tokenizer(args, rows, multi_turn)
     vision_config = _as_config(args.vision_config, "clip_vision_model")
-    processor = build_processor(tokenizer, build_image_processor(args.image_processor, vision_config),
-                                args.chat_template)
+    image_processor = VLoRAImageProcessor.from_vision_config(vision_config, **(args.image_processor or {}))
+    processor = build_processor(tokenizer, image_processor, args.chat_template)
     vlora = {"image_token_id": processor.image_token_id, **(args.vlora or {})}
     config = VLoRAConfig(text_config=_as_config(text_config, "llama"), vision_config=vision_config, **vlora)
     vocab = config.text_config.vocab_size
@@ -130,4 +117,4 @@ def build_model_and_processor(args: ModelArguments, rows_for_tokenizer=None, mul
     return from_configs(args, rows_for_tokenizer, multi_turn)
 
 
-__all__ = ["build_image_processor", "build_model_and_processor", "build_processor", "resolve_chat_template"]
+__all__ = ["build_model_and_processor", "build_processor", "resolve_chat_template"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..processing.image_processing_vlora import load_image, open_image_file
+from ..processing.image_loading_vlora import load_image, open_image_file
 from ..visualize import delta_norms, plot_delta_norms
 
 
