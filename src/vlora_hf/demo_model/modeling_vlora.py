@@ -139,6 +139,10 @@ class VLoRAModel(VLoRAPreTrainedModel):
             return BaseModelOutputWithPooling(last_hidden_state=image_features, pooler_output=weights)
         return weights
 
+    def row_weights(self, input_ids: torch.Tensor, perceptual_weights: torch.Tensor) -> torch.Tensor:
+        """Per-image weights [n_images, D] -> per-row weights [batch, D] (zeros for rows without an image)."""
+        return row_weights(input_ids, perceptual_weights, self.config.image_token_id)
+
     def resolve_images(self, input_ids, pixel_values=None, image_features=None, perceptual_weights=None,
                        row_perceptual_weights=None, mm_encoder_outputs=None):
         """Whichever image input was given -> (per-row weights [batch, D] or None, `image_outputs` or None).
@@ -162,7 +166,7 @@ class VLoRAModel(VLoRAPreTrainedModel):
             elif image_outputs is None:
                 image_outputs = self.get_image_features(pixel_values=pixel_values, image_features=image_features,
                                                         return_dict=True)
-            row_perceptual_weights = row_weights(input_ids, image_outputs.pooler_output, self.config.image_token_id)
+            row_perceptual_weights = self.row_weights(input_ids, image_outputs.pooler_output)
         if row_perceptual_weights is None and input_ids is not None:
             placeholders = int((input_ids == self.config.image_token_id).sum())
             if placeholders:
