@@ -156,3 +156,13 @@ def test_bench_cli_help(capsys):
         main(["--help"])
     assert e.value.code == 0
     assert "--quick" in capsys.readouterr().out
+
+
+def test_serving_bench_width_option():
+    from vlora_hf.serving.bench import bench_sizes
+
+    wide = bench_sizes(quick=True, width=512)  # --width wins over --quick
+    assert (wide.llm_hidden, wide.tower_hidden, wide.llm_heads()) == (512, 128, 8)
+    assert (bench_sizes(quick=True).llm_hidden, bench_sizes(quick=False).llm_hidden) == (128, 256)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        bench_sizes(quick=False, width=100)

@@ -86,6 +86,16 @@ def test_image_answers_equal_generate(engine, reference):
     assert len({tuple(t) for t in got}) > 3  # the images matter: not one answer for all
 
 
+def test_lora_wraps_only_the_receiving_modules(engine):
+    """vLLM wraps LoRA around the receiving layers' target modules alone (by default it would wrap every linear,
+    the embedding and the LM head, and run the LoRA ops of all of them at every step)."""
+    from vlora_hf.serving.vllm_names import lora_target_modules
+
+    runner = engine.llm.llm_engine.model_executor.driver_worker.worker.model_runner
+    wrapped = sorted(runner.lora_manager._adapter_manager.modules)
+    assert wrapped == lora_target_modules(engine.config.target_modules, engine.config.receiving_layers)
+
+
 def test_text_only_requests_beside_image_requests(engine, reference):
     """A request without an image gets the backbone's own answer, also beside image requests. With every LoRA slot
     taken (IN_FLIGHT images, max_loras=IN_FLIGHT), a request without an adapter would get the last slot's adapter

@@ -161,3 +161,12 @@ def test_bad_input_is_a_400_and_leaves_no_adapter(server, reference, case):
     assert stored(adapters) <= before
     image, question = heldout_samples(3)[2].image, "How many shapes are there?"  # the server keeps serving
     assert answer_tokens(base, chat(data_url(image), question)) == reference(image, question)
+
+
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/messages"])
+def test_routes_that_would_bypass_the_adapters_are_refused(server, path):
+    base, _ = server
+    status, raw = post(base, {"model": MODEL, "input": "hi", "messages": [{"role": "user", "content": "hi"}]}, path)
+    assert status == 404, raw
+    error = json.loads(raw)["error"]
+    assert error["type"] == "NotFoundError" and "use /v1/chat/completions" in error["message"], error

@@ -1,15 +1,18 @@
 """Serving benchmark: VLoRA on vLLM vs LLaVA on vLLM vs our transformers `generate`, one run, same weights.
 
-  python -m vlora_hf.serving.bench [--quick] [--concurrency 1 16 64] [--json out/serving_bench.json]
+  python -m vlora_hf.serving.bench [--quick | --width W] [--concurrency 1 16 64] [--json out/serving_bench.json]
 
-Random-weight models with `vlora-hf bench`'s geometry (its `--quick` widths with --quick): a 32-layer Llama backbone,
+Random-weight models with `vlora-hf bench`'s geometry (its `--quick` widths with --quick; LLM width W and a tower a
+quarter as wide with --width): a 32-layer Llama backbone,
 a 24-layer CLIP-style tower on 336-px images (576 patches), the same tower, backbone and LM head in every system.
 Each level sends N requests at once, each with its own random image and 64 random prompt tokens, and generates 16
 tokens per request (EOS ignored). Figures: requests/s, generated tokens/s, and the time until every request of
 the level has its first token (for N = 1: the time to first token). VLoRA's time includes the tower, the
 generator and writing the adapters; LLaVA's, its tower and projector and its 576 visual tokens per request through
 vLLM's Llama (as prompt embeddings: see LlavaVLLM). Each system runs in its own process; the timed runs
-interleave across the three, so a busy machine slows them alike; figures are medians of --repeats.
+interleave across the systems, so a busy machine slows them alike; figures are medians of --repeats.
+`--systems ... llama_vllm` adds vLLM's Llama on the text prompts alone (no image, no LoRA): the ceiling of VLoRA
+on vLLM, whose image costs nothing in the sequence.
 """
 
 from __future__ import annotations
@@ -29,12 +32,24 @@ PROMPT_TOKENS = 64
 NEW_TOKENS = 16
 
 
-def build_models(root: Path, quick: bool, seed: int = 0):
+def bench_sizes(quick: bool, width: int | None = None):
+    """`vlora-hf bench`'s geometry: its full widths, its --quick ones (LLM 128, tower 32), or LLM `width` with a
+    tower a quarter as wide (the ratio of both)."""
+    from ..bench.systems import BenchSizes
+
+    if width is not None:
+        if width < 64 or width % 64:
+            raise ValueError(f"--width must be a positive multiple of 64 (the head size), got {width}")
+        return BenchSizes(llm_hidden=width, tower_hidden=max(32, width // 4))
+    return BenchSizes(llm_hidden=128, tower_hidden=32) if quick else BenchSizes()
+
+
+def build_models(root: Path, quick: bool, seed: int = 0, width: int | None = None):
     """`vlora-hf bench`'s LLaVA and VLoRA (same tower, backbone, LM head); VLoRA and LLaVA's backbone saved for vLLM."""
-    from ..bench.systems import BenchSizes, build_llava, build_text_only, build_vlora
+    from ..bench.systems import build_llava, build_text_only, build_vlora
     from ..processing import VLoRAImageProcessor
 
-    sizes = BenchSizes(llm_hidden=128, tower_hidden=32) if quick else BenchSizes()
+    sizes = bench_sizes(quick, width)
     llava = build_llava(sizes, seed=seed)
     vlora = build_vlora(sizes, llava, seed=seed + 1)
     build_text_only(sizes, llava).save_pretrained(root / "llava_backbone")
@@ -77,7 +92,9 @@ class VLoRAvLLM:
 
         from .adapters import write_adapter
 
+        t0 = time.perf_counter()
         weights = self.factory.perceptual_weights_from_pixels(pixels)  # one batch through tower + generator
+        t1 = time.perf_counter()
         loras = []
         for w in weights:
             self.count += 1
@@ -85,6 +102,8 @@ class VLoRAvLLM:
             folder.mkdir()
             write_adapter(folder, self.factory.tensors(w), self.factory.adapter_config)
             loras.append(LoRARequest(f"image{self.count}", self.count, str(folder)))
+        self.last_times = {"tower_generator": round(1000 * (t1 - t0), 2),
+                           "adapter_write": round(1000 * (time.perf_counter() - t1), 2)}
         self.llm.generate([TokensPrompt(prompt_token_ids=row.tolist()) for row in ids],
                           SamplingParams(max_tokens=new_tokens, ignore_eos=True, temperature=0, detokenize=False),
                           lora_request=loras, use_tqdm=False)
@@ -108,6 +127,7 @@ class LlavaVLLM:
     def run(self, ids, pixels, new_tokens):
         from vllm import SamplingParams
 
+        t0 = time.perf_counter()
         m = self.llava.model
         visual = m.get_image_features(pixel_values=pixels, vision_feature_layer=-2,
                                       vision_feature_select_strategy="default")
@@ -115,6 +135,7 @@ class LlavaVLLM:
         visual = torch.stack(list(visual)) if isinstance(visual, (list, tuple)) else visual
         text = m.language_model.embed_tokens(ids)
         embeds = torch.cat([text[:, :1], visual.reshape(ids.shape[0], -1, text.shape[-1]), text[:, 1:]], dim=1)
+        self.last_times = {"tower_projector": round(1000 * (time.perf_counter() - t0), 2)}
         self.llm.generate([{"prompt_embeds": e} for e in embeds],
                           SamplingParams(max_tokens=new_tokens, ignore_eos=True, temperature=0, detokenize=False),
                           use_tqdm=False)
@@ -134,44 +155,72 @@ class VLoRATransformers:
                             do_sample=False, pad_token_id=0)
 
 
-def make_system(name: str, root: Path, quick: bool, max_seqs: int):
-    sizes, llava, vlora = build_models(root, quick)
-    engine = dict(enforce_eager=True, max_num_seqs=max_seqs, kv_cache_memory_bytes=4 << 30)
+class LlamaVLLM:
+    """vLLM's own Llama on the text prompts alone, no LoRA: the floor both vLLM systems build on (profiling)."""
+
+    name = "llama_vllm"
+
+    def __init__(self, folder: Path, **engine):
+        from vllm import LLM
+
+        self.llm = LLM(model=str(folder), dtype="float32", skip_tokenizer_init=True, **engine)
+
+    def run(self, ids, pixels, new_tokens):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self.llm.generate([TokensPrompt(prompt_token_ids=row.tolist()) for row in ids],
+                          SamplingParams(max_tokens=new_tokens, ignore_eos=True, temperature=0, detokenize=False),
+                          use_tqdm=False)
+
+
+def make_system(name: str, root: Path, quick: bool, max_seqs: int, width: int | None = None):
+    sizes, llava, vlora = build_models(root, quick, width=width)
+    # KV cache for max_seqs LLaVA-length sequences (fp32 keys and values), with a quarter to spare
+    tokens = PROMPT_TOKENS + sizes.describe()["n_patches"] + NEW_TOKENS
+    kv_bytes = max_seqs * tokens * sizes.llm_layers * 2 * sizes.llm_hidden * 4 * 5 // 4
+    engine = dict(enforce_eager=True, max_num_seqs=max_seqs, kv_cache_memory_bytes=max(kv_bytes, 256 << 20))
     if name == "vlora_vllm":
         (root / "adapters").mkdir()
         return sizes, VLoRAvLLM(root / "vlora", vlora.config, max_seqs, root / "adapters", **engine)
     if name == "llava_vllm":
         return sizes, LlavaVLLM(root / "llava_backbone", llava, **engine)
+    if name == "llama_vllm":
+        return sizes, LlamaVLLM(root / "llava_backbone", **engine)
     return sizes, VLoRATransformers(vlora)
 
 
-def worker(name: str, concurrency: list[int], quick: bool) -> None:
+def worker(name: str, concurrency: list[int], quick: bool, width: int | None = None) -> None:
     """One system in this process (vLLM holds one engine per process), timing what the parent asks for:
-    stdin lines `N TOKENS SEED` -> stdout lines `{"seconds": ...}`."""
+    stdin lines `N TOKENS SEED` -> stdout lines `{"seconds": wall, "cpu_seconds": this process's CPU time}` (vLLM's
+    engine runs in this process, so CPU time covers it; it depends less on other jobs than wall time does)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     out = sys.stdout
     sys.stdout = sys.stderr  # vLLM's logs stay off the answer channel
     with tempfile.TemporaryDirectory() as tmp:
-        sizes, system = make_system(name, Path(tmp), quick, max(concurrency))
+        sizes, system = make_system(name, Path(tmp), quick, max(concurrency), width)
         for n in concurrency:  # every batch size once, untimed
             system.run(*random_requests(n, sizes, torch.Generator().manual_seed(10_000 + n)), 2)
         print(json.dumps({"ready": name, "sizes": sizes.describe()}), file=out, flush=True)
         for line in sys.stdin:
             n, tokens, seed = map(int, line.split())
             ids, pixels = random_requests(n, sizes, torch.Generator().manual_seed(seed))
-            print(json.dumps({"seconds": timed(lambda: system.run(ids, pixels, tokens))}), file=out, flush=True)
+            cpu = time.process_time()
+            wall = timed(lambda: system.run(ids, pixels, tokens))
+            print(json.dumps({"seconds": wall, "cpu_seconds": time.process_time() - cpu,
+                              "image_side_ms": getattr(system, "last_times", None)}), file=out, flush=True)
 
 
-def run(concurrency: list[int], quick: bool, systems: list[str], repeats: int, log=print) -> dict:
+def run(concurrency: list[int], quick: bool, systems: list[str], repeats: int, log=print,
+        width: int | None = None) -> dict:
     """All systems at once, each in its own idle-waiting process; timed runs interleave (A B C, B C A, ...), so
     every system sees the same machine load. Medians of `repeats`; the same requests for every system."""
-    import statistics
     import subprocess
 
     procs = {}
     for name in systems:
         cmd = [sys.executable, "-m", "vlora_hf.serving.bench", "--worker", name, "--concurrency",
-               *map(str, concurrency)] + (["--quick"] if quick else [])
+               *map(str, concurrency)] + (["--quick"] if quick else []) + (["--width", str(width)] if width else [])
         procs[name] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     sizes = None
     for name, proc in procs.items():
@@ -181,42 +230,61 @@ def run(concurrency: list[int], quick: bool, systems: list[str], repeats: int, l
     def ask(name, n, tokens, seed):
         procs[name].stdin.write(f"{n} {tokens} {seed}\n")
         procs[name].stdin.flush()
-        return json.loads(procs[name].stdout.readline())["seconds"]
+        return json.loads(procs[name].stdout.readline())
 
-    raw = {name: {n: {"first": [], "total": []} for n in concurrency} for name in systems}
+    raw = {name: {n: {"first": [], "total": [], "cpu": [], "image": []} for n in concurrency} for name in systems}
     try:
         for n in concurrency:
             for r in range(repeats):
                 order = systems[r % len(systems):] + systems[: r % len(systems)]
                 for name in order:
-                    raw[name][n]["first"].append(ask(name, n, 1, 100 * n + r))
-                    raw[name][n]["total"].append(ask(name, n, NEW_TOKENS, 100 * n + r))
+                    raw[name][n]["first"].append(ask(name, n, 1, 100 * n + r)["seconds"])
+                    answer = ask(name, n, NEW_TOKENS, 100 * n + r)
+                    raw[name][n]["total"].append(answer["seconds"])
+                    raw[name][n]["cpu"].append(answer["cpu_seconds"])
+                    raw[name][n]["image"].append(answer.get("image_side_ms"))
                 log(f"N={n} repeat {r}: " + ", ".join(f"{k} {raw[k][n]['total'][-1]:.1f} s" for k in systems))
     finally:
         for proc in procs.values():
             proc.stdin.close()
             proc.wait()
-    results, ratios = {}, {}
-    for name in systems:
-        for n in concurrency:
-            total, first = statistics.median(raw[name][n]["total"]), statistics.median(raw[name][n]["first"])
-            results.setdefault(name, {})[n] = {
-                "requests_per_s": round(n / total, 3), "tokens_per_s": round(n * NEW_TOKENS / total, 2),
-                "first_token_s": round(first, 3), "seconds": raw[name][n]["total"]}
-    for n in concurrency:
-        for other in ("llava_vllm", "vlora_transformers"):
-            if "vlora_vllm" in results and other in results:
-                ratios[f"vlora_vllm_vs_{other}_throughput_N{n}"] = round(
-                    results["vlora_vllm"][n]["requests_per_s"] / results[other][n]["requests_per_s"], 2)
+    results, ratios = summarize(raw)
     return {"results": results, "ratios": ratios, "sizes": sizes, "prompt_tokens": PROMPT_TOKENS,
             "new_tokens": NEW_TOKENS, "repeats": repeats,
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                         "loadavg_at_end": os.getloadavg()}}
 
 
+def summarize(raw: dict) -> tuple[dict, dict]:
+    """Medians per system and level; VLoRA-on-vLLM's ratios to the others, by wall time (throughput) and by CPU
+    time (`cpu_ratio`: the other's CPU seconds per request / VLoRA-on-vLLM's)."""
+    import statistics
+
+    results, ratios = {}, {}
+    for name, levels in raw.items():
+        for n, r in levels.items():
+            total, first, cpu = (statistics.median(r[k]) for k in ("total", "first", "cpu"))
+            results.setdefault(name, {})[n] = {
+                "requests_per_s": round(n / total, 3), "tokens_per_s": round(n * NEW_TOKENS / total, 2),
+                "first_token_s": round(first, 3), "cpu_s_per_request": round(cpu / n, 4), "seconds": r["total"],
+                "cpu_seconds": r["cpu"], "image_side_ms": r.get("image", [])}
+    for other in ("llava_vllm", "vlora_transformers", "llama_vllm"):
+        if "vlora_vllm" not in results or other not in results:
+            continue
+        for n, mine in results["vlora_vllm"].items():
+            theirs = results[other][n]
+            ratios[f"vlora_vllm_vs_{other}_throughput_N{n}"] = round(
+                mine["requests_per_s"] / theirs["requests_per_s"], 2)
+            ratios[f"vlora_vllm_vs_{other}_cpu_ratio_N{n}"] = round(
+                theirs["cpu_s_per_request"] / mine["cpu_s_per_request"], 2)
+    return results, ratios
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vlora_hf.serving.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="`vlora-hf bench --quick` widths (LLM 128, tower 32)")
+    p.add_argument("--width", type=int, default=None,
+                   help="LLM width (multiple of 64; tower a quarter of it), instead of --quick's or the full widths")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--systems", nargs="+", default=["vlora_vllm", "llava_vllm", "vlora_transformers"])
     p.add_argument("--json", type=Path, default=None)
@@ -224,10 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one system, driven by the parent
     args = p.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.concurrency, args.quick)
+        worker(args.worker, args.concurrency, args.quick, args.width)
         return 0
     log = lambda m: print(f"[serving-bench] {m}", file=sys.stderr, flush=True)  # noqa: E731
-    result = run(args.concurrency, args.quick, args.systems, args.repeats, log)
+    if args.width is not None:
+        bench_sizes(args.quick, args.width)  # a bad width fails here, not in three workers
+    result = run(args.concurrency, args.quick, args.systems, args.repeats, log, args.width)
     result["command"] = "python -m vlora_hf.serving.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     text = json.dumps(result, indent=2)
     print(text)

@@ -21,6 +21,7 @@ from .adapters import AdapterFactory, image_key, write_adapter
 from .export import cached_export
 from .plugin import TOKENIZER_MODE
 from .store import NULL_KEY, Adapter, AdapterStore
+from .vllm_names import lora_target_modules
 
 CPU_KV_CACHE_BYTES = 1 << 30
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
@@ -57,6 +58,7 @@ def engine_defaults(model_dir, config, max_images_in_flight: int) -> dict:
         enable_lora=True,
         max_lora_rank=lora_rank_slot(config.lora_rank),
         max_loras=max_images_in_flight + 1,  # + the null adapter
+        lora_target_modules=lora_target_modules(config.target_modules, config.receiving_layers),
         tokenizer_mode=TOKENIZER_MODE,
         dtype=dtype_name(config),
     )

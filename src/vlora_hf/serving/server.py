@@ -23,6 +23,9 @@ from .images import ImageInputError, ImagePolicy, load_image_url
 from .store import NAME_PREFIX, NULL_KEY, Adapter, StoreFull
 
 ROUTES = ("/v1/chat/completions", "/v1/completions")
+# vLLM's other generating routes would run without the request's adapter (or the null one): refused, with a 404.
+UNSERVED = ("/v1/responses", "/v1/messages", "/v1/chat/completions/batch", "/inference/v1/generate",
+            "/cohere/v2/chat", "/invocations")
 SETTINGS: dict = {}  # set by main() before vLLM builds the app, in this same process
 
 
@@ -33,7 +36,7 @@ class BadRequest(ValueError):
 
 
 def error_json(message: str, status: int = 400, param: str | None = None) -> bytes:
-    kind = {400: "BadRequestError", 503: "ServiceUnavailableError"}.get(status, "InternalServerError")
+    kind = {400: "BadRequestError", 404: "NotFoundError", 503: "ServiceUnavailableError"}.get(status, "InternalServerError")
     return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": status}}).encode()
 
 
@@ -159,6 +162,9 @@ class ImageAdapterMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in ROUTES:
             return await self._generate(scope, receive, send)
+        if scope["type"] == "http" and any(scope["path"] == r or scope["path"].startswith(r + "/") for r in UNSERVED):
+            return await _send_json(send, 404, error_json(f"{scope['path']} is not served here (it would bypass the "
+                                                          "image adapters): use /v1/chat/completions", 404))
         if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] == "/v1/models":
             return await self.app(scope, receive, _rewriting(send, self._hide_adapters))
         return await self.app(scope, receive, send)
@@ -253,12 +259,10 @@ class ImageAdapterMiddleware:
 
 
 async def _read_body(receive) -> bytes:
-    chunks, more = [], True
-    while more:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        more = message.get("more_body", False)
-    return b"".join(chunks)
+    messages = [await receive()]
+    while messages[-1].get("more_body", False):
+        messages.append(await receive())
+    return b"".join(m.get("body", b"") for m in messages)
 
 
 def _replay(body: bytes, receive):
@@ -349,7 +353,7 @@ def vllm_argv(args, model_dir, config, rest: list[str]) -> list[str]:
             "--chat-template-content-format", "string"]  # the middleware turns every content list into a string
     for key, value in kwargs.items():
         flag = "--" + key.replace("_", "-")
-        argv += [flag] if value is True else [flag, str(value)]
+        argv += [flag] if value is True else [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
     return argv + rest
 
 
