@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(system, seed) for seed in args.seeds for system in systems_of(args)]
     started = time.time()
     wall_file = Path(args.work) / "wall_seconds.json"
-    if args.report_only:
+    if args.report_only:  # a variant's seeds not trained (yet) are left out; its report shows the seeds there
+        jobs = [(s, k) for s, k in jobs if s in SYSTEMS or (Path(args.work) / f"{s}-seed{k}" / "result.json").is_file()]
         results = [json.loads((Path(args.work) / f"{s}-seed{k}" / "result.json").read_text()) for s, k in jobs]
         wall = json.loads(wall_file.read_text()) if wall_file.is_file() else max(r["total_seconds"] for r in results)
     else:
