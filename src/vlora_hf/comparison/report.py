@@ -155,11 +155,12 @@ def markdown(report: dict, png_name: str) -> str:
     side = report.get("side_by_side")
     if side:
         sv, sl = side["vlora"], side["llava"]
-        untrained = [NAMES.get(n, n) for n in side if side[n].get("weights") == "untrained"]
+        untrained = [report["systems"][n]["label"] for n in side
+                     if side[n].get("weights") == "untrained" and n in report["systems"]]
         lines += ["", f"Side by side (one process, one thread, the systems alternating so all see the same load; "
                       f"medians of {sv['steps']} training steps of batch {sv['batch_size']} and of {sv['questions']} "
-                      "questions" + (f"; {', '.join(untrained)} timed on untrained models of the same shapes, their "
-                                     "trained folders being gone" if untrained else "") + "):", "", "| | VLoRA | LLaVA-1.5 | ratio |", "|---|---:|---:|---:|",
+                      "questions" + (f"; {', '.join(untrained)} timed on untrained models of the same shapes: a "
+                                     "step's time does not depend on the weights' values" if untrained else "") + "):", "", "| | VLoRA | LLaVA-1.5 | ratio |", "|---|---:|---:|---:|",
                   f"| training s / step | {sv['step_seconds']:.3f} | {sl['step_seconds']:.3f} | "
                   f"{sv['step_seconds'] / sl['step_seconds']:.2f} |",
                   f"| time to first token, ms | {sv['ttft_ms']:.1f} | {sl['ttft_ms']:.1f} | "

@@ -31,7 +31,7 @@ def _train_step(model, optimizer, batch) -> float:
     return time.perf_counter() - start
 
 
-def measure(systems: dict, batch_size: int = 48, steps: int = 6, questions: int = 12) -> dict:
+def measure(systems: dict, batch_size: int = 48, steps: int = 12, questions: int = 12) -> dict:
     """systems: {name: (model, processor)} -> {name: {"step_seconds", "ttft_ms"}} (medians, interleaved)."""
     images, rows = shapes.make_family_rows(batch_size // 2, {"relation": batch_size // 8, "small": batch_size // 8})
     rows = rows[:batch_size]
