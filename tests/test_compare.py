@@ -22,14 +22,19 @@ def test_spread_is_mean_and_half_range():
     assert spread([0.5, 0.75]) == {"mean": 0.625, "half_range": 0.125, "values": [0.5, 0.75]}
 
 
-@pytest.mark.slow
-def test_compare_on_a_toy_recipe_writes_every_field(tmp_path):
+def toy_recipe(tmp_path) -> Path:
     recipe = {k: v for k, v in TINY.items() if k not in ("torch_threads",)}
     recipe.update({"torch_threads": 1, "max_steps": 4, "logging_steps": 2, "heldout_max_new_tokens": 5,
                    "scratch_tower": {"patch_embedding": "fan_in", "position_embedding": "sincos",
                                      "warm_start": {"steps": 2, "batch_size": 4}}})
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.slow
+def test_compare_on_a_toy_recipe_writes_every_field(tmp_path):
+    path = toy_recipe(tmp_path)
     out = tmp_path / "report" / "cmp"
     assert cli_main(["compare", "--recipe", str(path), "--shapes_families", "{relation: 6, small: 6}",
                      "--seeds", "0", "1", "--eval_every", "2", "--eval_images", "4", "--jobs", "2",
@@ -104,3 +109,59 @@ def test_linear_probe_finds_a_linear_signal_and_not_noise():
         axis, first = label.split(":")
         assert first == colour
         assert (a[0] + a[2] + shapes.RELATION_GAP <= b[0]) if axis == "x" else (a[1] + a[2] + shapes.RELATION_GAP <= b[1])
+
+
+@pytest.mark.slow
+def test_compare_variant_is_its_own_system_in_the_report(tmp_path):
+    """`--variant r2='{lora_rank: 2}'` trains a VLoRA with that vlora: key changed, reported beside VLoRA and
+    LLaVA; `--resume` trains nothing already there; a side-by-side timing of a run whose model folder is gone uses
+    an untrained model of the same shapes."""
+    path, work, out = toy_recipe(tmp_path), tmp_path / "work", tmp_path / "report" / "cmp"
+    common = ["compare", "--recipe", str(path), "--seeds", "0", "--eval_every", "2", "--eval_images", "4",
+              "--work", str(work), "--out", str(out), "--variant", "r2={lora_rank: 2}"]
+    assert cli_main([*common, "--jobs", "2"]) == 0
+    result = json.loads((work / "vlora-r2-seed0" / "result.json").read_text())
+    assert result["variant"] == {"name": "r2", "vlora": {"lora_rank": 2}, "label": "VLoRA (lora_rank 2)"}
+    assert result["vlora_config"]["lora_rank"] == 2 and result["vlora_config"]["generator_hidden_size"] == 16
+    assert json.loads((work / "vlora-seed0" / "result.json").read_text())["vlora_config"]["lora_rank"] == 4
+
+    for log in work.glob("*.log"):
+        log.unlink()
+    import shutil
+
+    shutil.rmtree(work / "llava-seed0" / "model")
+    assert cli_main([*common, "--resume", "--side_by_side"]) == 0
+    assert not list(work.glob("*.log"))  # every run was there: nothing trained again
+
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert list(report["systems"]) == ["vlora", "llava", "vlora-r2"]
+    system = report["systems"]["vlora-r2"]
+    assert system["label"] == "VLoRA (lora_rank 2)" and system["variant"]["vlora"] == {"lora_rank": 2}
+    assert system["seeds"] == [0] and set(system["final"]) == set(FAMILIES[:4])  # the classic families
+    # rank 2 instead of 4: fewer generated weights, fewer FLOPs than the baseline VLoRA
+    assert 0 < system["training_flops_per_sample"] < report["systems"]["vlora"]["training_flops_per_sample"]
+    assert report["systems"]["vlora"]["training_flops_per_sample"] == report["training_flops_per_sample"]["vlora"]
+    verdict = report["verdict"]["variants"]["vlora-r2"]
+    assert set(verdict["minus_llava_points"]) == set(FAMILIES[:4])
+    assert verdict["minus_llava_points"]["color"] == pytest.approx(
+        100 * (system["final"]["color"]["mean"] - report["systems"]["llava"]["final"]["color"]["mean"]))
+    assert verdict["step_time_measured"] == "side_by_side" and verdict["step_time_ratio"] > 0
+    side = report["side_by_side"]
+    assert set(side) == {"vlora", "llava", "vlora-r2"}
+    assert side["llava"]["weights"] == "untrained" and side["vlora-r2"]["weights"] == "trained"
+
+    md = out.with_suffix(".md").read_text()
+    assert "## Levers" in md and "| family | VLoRA | VLoRA (lora_rank 2) | LLaVA-1.5 |" in md
+    assert "- VLoRA (lora_rank 2): loses" in md
+
+
+def test_variant_flags_are_checked():
+    from vlora_hf.comparison.run import parse_variants, variant_label
+
+    assert parse_variants(['gud={"target_modules": [q, gate]}']) == {"gud": {"target_modules": ["q", "gate"]}}
+    assert variant_label({"target_modules": ["q", "gate"], "lora_rank": 2}) == "VLoRA (target_modules q,gate, lora_rank 2)"
+    for bad in ("r32", "r 32={lora_rank: 32}", "r32=[32]", "r32={}", "r32={lora_rank: [}"):
+        with pytest.raises(ValueError, match="expected NAME="):
+            parse_variants([bad])
+    with pytest.raises(ValueError, match="given twice"):
+        parse_variants(["a={lora_rank: 2}", "a={lora_rank: 4}"])

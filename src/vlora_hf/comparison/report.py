@@ -6,9 +6,9 @@ from pathlib import Path
 
 from ..atomic import atomic_file
 from .cost import TRAIN_FACTOR, training_flops_per_sample
+from .levers import GOAL_POINTS, GOAL_STEP_RATIO, levers_markdown, variant_verdicts
 
 NAMES = {"vlora": "VLoRA", "llava": "LLaVA-1.5"}
-GOAL_POINTS, GOAL_STEP_RATIO = 2.0, 0.5
 
 
 def spread(values: list[float]) -> dict:
@@ -18,14 +18,17 @@ def spread(values: list[float]) -> dict:
 
 
 def summarize(results: list[dict]) -> dict:
-    """Per-run results -> per-system aggregates (final accuracy per family, timing, cost)."""
+    """Per-run results -> per-system aggregates (final accuracy per family, timing, cost); VLoRA and LLaVA
+    first, then the VLoRA variants in the order given."""
     systems = {}
-    for name in NAMES:
+    for name in dict.fromkeys([*NAMES, *(r["system"] for r in results)]):
         runs = sorted((r for r in results if r["system"] == name), key=lambda r: r["seed"])
         if not runs:
             continue
         families = list(runs[0]["points"][-1]["per_family"])
         systems[name] = {
+            "label": NAMES.get(name) or runs[0]["variant"]["label"],
+            "variant": runs[0].get("variant"),
             "seeds": [r["seed"] for r in runs],
             "final": {f: spread([r["points"][-1]["per_family"][f] for r in runs]) for f in families},
             "final_overall": spread([r["points"][-1]["overall"] for r in runs]),
@@ -50,13 +53,21 @@ def summarize(results: list[dict]) -> dict:
 
 
 def training_flops(systems: dict) -> dict:
-    """Analytic training FLOPs per sample for both, from the VLoRA run's config and mean conversation length."""
+    """Analytic training FLOPs per sample for both, from the VLoRA run's config and mean conversation length;
+    each VLoRA variant's from its own config (kept in its system as `training_flops_per_sample`)."""
     from ..modeling import VLoRAConfig
 
+    def config_of(run):
+        if "vlora_config" in run:
+            return VLoRAConfig.from_dict(run["vlora_config"])
+        return VLoRAConfig.from_pretrained(run["model_dir"])
+
     run = systems["vlora"]["runs"][0]
-    config = VLoRAConfig.from_pretrained(run["model_dir"])
     tokens = round(run["mean_text_tokens"])
-    return {"text_tokens": tokens, "factor": TRAIN_FACTOR, **training_flops_per_sample(config, tokens)}
+    for name, system in systems.items():
+        if name != "llava":
+            system["training_flops_per_sample"] = training_flops_per_sample(config_of(system["runs"][0]), tokens)["vlora"]
+    return {"text_tokens": tokens, "factor": TRAIN_FACTOR, **training_flops_per_sample(config_of(run), tokens)}
 
 
 def verdict(systems: dict, flops: dict, side_by_side: dict | None = None) -> dict:
@@ -73,7 +84,8 @@ def verdict(systems: dict, flops: dict, side_by_side: dict | None = None) -> dic
             "within_2_points": sorted(f for f, d in families.items() if abs(d) <= GOAL_POINTS),
             "vlora_loses": sorted(f for f, d in families.items() if d < -GOAL_POINTS),
             "step_time_ratio": ratio, "flops_ratio": flops["vlora"] / flops["llava"],
-            "goal_met": all(d >= -GOAL_POINTS for d in families.values()) and ratio <= GOAL_STEP_RATIO}
+            "goal_met": all(d >= -GOAL_POINTS for d in families.values()) and ratio <= GOAL_STEP_RATIO,
+            "variants": variant_verdicts(systems, side_by_side)}
 
 
 def build_report(results: list[dict], command: str, machine: dict, settings: dict, wall_seconds: float,
@@ -93,6 +105,8 @@ def _pct(s: dict) -> str:
 
 
 def markdown(report: dict, png_name: str) -> str:
+    """The page, section by section in reading order (one function over 60 lines so that order stays visible;
+    the Levers section is levers_markdown's)."""
     v, l = report["systems"]["vlora"], report["systems"]["llava"]
     verdict, flops = report["verdict"], report["training_flops_per_sample"]
     m = report["machine"]
@@ -143,9 +157,12 @@ def markdown(report: dict, png_name: str) -> str:
     side = report.get("side_by_side")
     if side:
         sv, sl = side["vlora"], side["llava"]
-        lines += ["", f"Side by side (one process, one thread, the two systems alternating so both see the same load; "
+        untrained = [report["systems"][n]["label"] for n in side
+                     if side[n].get("weights") == "untrained" and n in report["systems"]]
+        lines += ["", f"Side by side (one process, one thread, the systems alternating so all see the same load; "
                       f"medians of {sv['steps']} training steps of batch {sv['batch_size']} and of {sv['questions']} "
-                      "questions):", "", "| | VLoRA | LLaVA-1.5 | ratio |", "|---|---:|---:|---:|",
+                      "questions" + (f"; {', '.join(untrained)} timed on untrained models of the same shapes: a "
+                                     "step's time does not depend on the weights' values" if untrained else "") + "):", "", "| | VLoRA | LLaVA-1.5 | ratio |", "|---|---:|---:|---:|",
                   f"| training s / step | {sv['step_seconds']:.3f} | {sl['step_seconds']:.3f} | "
                   f"{sv['step_seconds'] / sl['step_seconds']:.2f} |",
                   f"| time to first token, ms | {sv['ttft_ms']:.1f} | {sl['ttft_ms']:.1f} | "
@@ -168,6 +185,7 @@ def markdown(report: dict, png_name: str) -> str:
         for f, acc in v["probes"].items():
             lines.append(f"| {f} | {_pct(acc['tower'])} | {_pct(acc['generator'])} | "
                          f"{_pct(l['probes'][f]['tower'])} |")
+    lines += levers_markdown(report)
     if report.get("analysis"):
         lines += ["", report["analysis"].strip()]
     return "\n".join(lines) + "\n"
@@ -183,14 +201,16 @@ def plot(report: dict, path) -> None:
     cols = 3
     fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(12, 3.2 * -(-len(panels) // cols)),
                              squeeze=False)
+    others = ["tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
     colours = {"vlora": "tab:blue", "llava": "tab:orange"}
+    colours.update({n: others[i % len(others)] for i, n in enumerate(n for n in report["systems"] if n not in colours)})
     for ax, panel in zip(axes.flat, panels):
         for name, system in report["systems"].items():
             for k, run in enumerate(system["runs"]):
                 xs = [p["train_seconds"] / 60 for p in run["points"]]
                 ys = [100 * (p["overall"] if panel == "overall" else p["per_family"][panel]) for p in run["points"]]
                 ax.plot(xs, ys, color=colours[name], linestyle="-" if k == 0 else "--", marker=".",
-                        label=f"{NAMES[name]} seed {run['seed']}")
+                        label=f"{system['label']} seed {run['seed']}")
         ax.set_title(panel)
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
@@ -199,8 +219,13 @@ def plot(report: dict, path) -> None:
     for ax in axes[-1]:
         ax.set_xlabel("training time (min, evaluation excluded)")
     axes[0][0].set_ylabel("held-out exact match (%)")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    if len(report["systems"]) <= 2:
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+    else:  # with variants the legend would hide the first panel: below the panels instead
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.tight_layout(rect=(0, 0.06 + 0.012 * len(labels) / 3, 1, 1))
+        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 

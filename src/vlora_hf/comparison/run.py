@@ -6,12 +6,15 @@ steps and seeds; score both on one held-out split along training; write the repo
 
 Each (system, seed) trains in its own process (`--jobs` of them at once, one torch thread each by the recipe);
 arguments after `--` go to `vlora-hf train` unchanged for both systems (e.g. `-- --max_steps 500`).
+`--variant NAME='{"lora_rank": 32}'` (repeatable) adds a VLoRA run with those keys of the recipe's `vlora:` block
+overridden, reported as its own system `vlora-NAME`; `--resume` keeps the runs whose result.json exists.
 """
 
 import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -47,13 +50,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--side_by_side", action="store_true",
                    help="also time a training step and the first token of both (first seed) in one process, "
                         "alternating, so both see the same load")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                   help="a VLoRA variant: NAME (letters, digits, _ .) and the recipe's vlora: keys it overrides, "
+                        "e.g. rank32='{lora_rank: 32}' (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="do not train again the runs whose result.json is already under --work (same settings)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: SYSTEM:SEED, run by the parent
     return p
 
 
+def parse_variants(specs: list[str]) -> dict[str, dict]:
+    """["NAME=JSON-or-YAML mapping", ...] -> {NAME: overrides}; ValueError names the bad one."""
+    variants = {}
+    for spec in specs:
+        name, sep, text = spec.partition("=")
+        try:
+            overrides = yaml.safe_load(text) if sep else None
+        except yaml.YAMLError:
+            overrides = None
+        if not re.fullmatch(r"[A-Za-z0-9_.]+", name) or not isinstance(overrides, dict) or not overrides:
+            raise ValueError(f"--variant {spec!r}: expected NAME='{{key: value, ...}}' (NAME of letters, digits, "
+                             "_ and .; a non-empty mapping of vlora: keys)")
+        if name in variants:
+            raise ValueError(f"--variant {name!r} given twice")
+        variants[name] = overrides
+    return variants
+
+
+def variant_label(overrides: dict) -> str:
+    """{"lora_rank": 32} -> "VLoRA (lora_rank 32)"."""
+    text = ", ".join(f"{k} {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in overrides.items())
+    return f"VLoRA ({text})"
+
+
+def systems_of(args) -> list[str]:
+    return [*SYSTEMS, *(f"vlora-{name}" for name in args.variants)]
+
+
 def train_flags(args, system: str, seed: int, extra: list[str]) -> list[str]:
     run_dir = Path(args.work) / f"{system}-seed{seed}"
-    flags = ["--recipe", args.recipe, "--architecture", system, "--seed", str(seed),
+    variant = args.variants.get(system.removeprefix("vlora-")) if system.startswith("vlora-") else None
+    architecture = "vlora" if variant is not None else system
+    flags = ["--recipe", args.recipe, "--architecture", architecture, "--seed", str(seed),
              "--output_dir", str(run_dir / "trainer"), "--export_dir", str(run_dir / "model"),
              "--heldout_images", "0", "--save_strategy", "no"]
     if args.shapes_families:
@@ -62,6 +100,9 @@ def train_flags(args, system: str, seed: int, extra: list[str]) -> list[str]:
         tower = dict(yaml.safe_load(Path(args.recipe).read_text()).get("scratch_tower") or {})
         tower["warm_start"] = {**(tower.get("warm_start") or {}), "steps": args.warm_start_steps}
         flags += ["--scratch_tower", json.dumps(tower)]
+    if variant is not None:  # after the common flags: the variant's keys win over the recipe's vlora block
+        base = dict(yaml.safe_load(Path(args.recipe).read_text()).get("vlora") or {})
+        return flags + extra + ["--vlora", json.dumps({**base, **variant})]
     return flags + extra
 
 
@@ -97,6 +138,12 @@ def run_one(args, system: str, seed: int, extra: list[str]) -> dict:
               "batch_size": training_args.per_device_train_batch_size * training_args.world_size,
               "mean_text_tokens": mean_text_tokens(processor, rows), "inference": cost,
               "heldout_questions": len(rows), "model_dir": training_args.export_dir}
+    if system != "llava":  # the report's analytic FLOPs read it (the model folder may be gone by then)
+        result["vlora_config"] = model.config.to_dict()
+    if system.startswith("vlora-"):
+        overrides = args.variants[system.removeprefix("vlora-")]
+        result["variant"] = {"name": system.removeprefix("vlora-"), "vlora": overrides,
+                             "label": variant_label(overrides)}
     path = Path(args.work) / f"{system}-seed{seed}" / "result.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1, default=float) + "\n")
@@ -145,7 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
-    args = build_parser().parse_args(own)
+    parser = build_parser()
+    args = parser.parse_args(own)
+    try:
+        args.variants = parse_variants(args.variant)
+    except ValueError as err:
+        parser.error(str(err))
     if args.one:
         system, seed = args.one.split(":")
         run_one(args, system, int(seed), extra)
@@ -153,10 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.recipe).is_file():
         print(f"vlora-hf compare: error: recipe not found: {args.recipe}", file=sys.stderr)
         return 2
-    jobs = [(system, seed) for seed in args.seeds for system in SYSTEMS]
+    jobs = [(system, seed) for seed in args.seeds for system in systems_of(args)]
     started = time.time()
     wall_file = Path(args.work) / "wall_seconds.json"
-    if args.report_only:
+    if args.report_only:  # a variant's seeds not trained (yet) are left out; its report shows the seeds there
+        jobs = [(s, k) for s, k in jobs if s in SYSTEMS or (Path(args.work) / f"{s}-seed{k}" / "result.json").is_file()]
         results = [json.loads((Path(args.work) / f"{s}-seed{k}" / "result.json").read_text()) for s, k in jobs]
         wall = json.loads(wall_file.read_text()) if wall_file.is_file() else max(r["total_seconds"] for r in results)
     else:
@@ -164,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         if results is None:
             return 1
         wall = time.time() - started
+        if args.resume and wall_file.is_file():  # the kept runs' wall time, added
+            wall += json.loads(wall_file.read_text())
         wall_file.write_text(json.dumps(wall) + "\n")
     if args.probe:
         from .probe import probe_model
@@ -177,15 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.side_by_side:
         import torch
 
-        from .side_by_side import measure
-
         torch.set_num_threads(1)
         saved = Path(args.work) / "side_by_side.json"
-        if saved.is_file():
-            side = json.loads(saved.read_text())
-        else:
-            first = {r["system"]: r for r in results if r["seed"] == args.seeds[0]}
-            side = measure({name: load_trained(r["model_dir"]) for name, r in first.items()})
+        side = json.loads(saved.read_text()) if saved.is_file() else {}
+        if set(side) != set(systems_of(args)):  # measured again with every system, so all see the same load
+            side = measure_side_by_side(args, results, extra)
             saved.write_text(json.dumps(side, indent=1) + "\n")
     from .report import write_report
 
@@ -197,6 +248,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def measure_side_by_side(args, results: list[dict], extra: list[str]) -> dict:
+    """Every system's first-seed model timed in one process, alternating; a run whose model folder is gone is
+    timed on an untrained model built the same way (`weights` says which)."""
+    from .side_by_side import measure, untrained
+
+    first = {r["system"]: r for r in results if r["seed"] == args.seeds[0]}
+    models, weights = {}, {}
+    for name, r in first.items():
+        trained = (Path(r["model_dir"]) / "config.json").is_file()
+        flags = train_flags(args, name, r["seed"], extra)
+        models[name] = load_trained(r["model_dir"]) if trained else untrained(flags)
+        weights[name] = "trained" if trained else "untrained"
+    side = measure(models)
+    return {name: {**side[name], "weights": weights[name]} for name in side}
+
+
 def training_argv(argv: list[str]) -> list[str]:
     """The arguments that decide what trains (the report's own options left out): the command to rerun."""
     out, skip = [], False
@@ -205,7 +272,7 @@ def training_argv(argv: list[str]) -> list[str]:
             skip = False
         elif a in ("--analysis", "--full_scale_note", "--out"):
             skip = True
-        elif a not in ("--report_only", "--probe", "--side_by_side"):
+        elif a not in ("--report_only", "--probe", "--side_by_side", "--resume"):
             out.append(a)
     return out
 
@@ -218,7 +285,8 @@ def settings(args, extra) -> dict:
 
 def run_jobs(own, extra, jobs, args) -> list[dict] | None:
     """Each (system, seed) in a child process, `args.jobs` at a time; -> the results, or None on a failure."""
-    pending, running, failed = list(jobs), [], []
+    done = lambda s, k: (Path(args.work) / f"{s}-seed{k}" / "result.json").is_file()  # noqa: E731
+    pending, running, failed = [j for j in jobs if not (args.resume and done(*j))], [], []
     Path(args.work).mkdir(parents=True, exist_ok=True)
     while pending or running:
         while pending and len(running) < max(1, args.jobs):

@@ -31,7 +31,7 @@ def _train_step(model, optimizer, batch) -> float:
     return time.perf_counter() - start
 
 
-def measure(systems: dict, batch_size: int = 48, steps: int = 6, questions: int = 12) -> dict:
+def measure(systems: dict, batch_size: int = 48, steps: int = 12, questions: int = 12) -> dict:
     """systems: {name: (model, processor)} -> {name: {"step_seconds", "ttft_ms"}} (medians, interleaved)."""
     images, rows = shapes.make_family_rows(batch_size // 2, {"relation": batch_size // 8, "small": batch_size // 8})
     rows = rows[:batch_size]
@@ -58,4 +58,20 @@ def measure(systems: dict, batch_size: int = 48, steps: int = 6, questions: int 
                 "batch_size": len(rows), "steps": steps, "questions": len(ttft[n])} for n in systems}
 
 
-__all__ = ["measure"]
+def untrained(flags: list[str], tokenizer_images: int = 2000):
+    """(model, processor) built as `vlora-hf train FLAGS` builds them, before any training (no tower warm start;
+    the tokenizer from the first `tokenizer_images` training images): for timing a system whose trained folder is
+    gone, since a step's and a first token's time do not depend on the weights' values."""
+    from ..data.shapes_dataset import training_rows
+    from ..training.arguments import parse_args
+    from ..training.llava_baseline import build_llava
+    from ..training.model_builder import build_model_and_processor
+
+    model_args, data_args = parse_args(flags)[:2]
+    _, rows = training_rows(min(tokenizer_images, data_args.num_images), data_args.shapes_seed, data_args.image_size,
+                            data_args.question_weights, data_args.shapes_families)
+    build = build_llava if model_args.architecture == "llava" else build_model_and_processor
+    return build(model_args, rows)
+
+
+__all__ = ["measure", "untrained"]
