@@ -12,8 +12,8 @@ from PIL import Image
 from test_training import TINY
 from vlora_hf.cli import main as cli_main
 from vlora_hf.comparison.report import spread
-from vlora_hf.data import shapes
-from vlora_hf.data.shapes import question_family
+from vlora_hf.data import shapes_families
+from vlora_hf.data.shapes_families import question_family
 
 FAMILIES = ["color", "shape", "count", "describe", "relation_color", "relation_yesno", "small_count", "small_shape"]
 
@@ -104,11 +104,11 @@ def test_linear_probe_finds_a_linear_signal_and_not_noise():
     assert linear_probe(x[:300], noise[:300], x[300:], noise[300:]) < 0.7
     images, labels = targets("relation", 4, "eval")  # axis and first colour, as drawn
     for k, label in enumerate(labels):
-        s = shapes.draw_family("relation", k, 0, "eval")
+        s = shapes_families.draw_family("relation", k, 0, "eval")
         (_, colour, _, a), (_, _, _, b) = s.shapes
         axis, first = label.split(":")
         assert first == colour
-        assert (a[0] + a[2] + shapes.RELATION_GAP <= b[0]) if axis == "x" else (a[1] + a[2] + shapes.RELATION_GAP <= b[1])
+        assert (a[0] + a[2] + shapes_families.RELATION_GAP <= b[0]) if axis == "x" else (a[1] + a[2] + shapes_families.RELATION_GAP <= b[1])
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from test_shapes import NOMINAL, components
-from vlora_hf.data import shapes
+from vlora_hf.data import shapes, shapes_families
 
 N = 150
 
@@ -59,7 +59,7 @@ def holds(a, b, relation: str) -> bool:
 def test_relation_answers_follow_from_the_pixels(split):
     answers = Counter()
     for i in range(N):
-        s = shapes.draw_family("relation", i, seed=3, split=split)
+        s = shapes_families.draw_family("relation", i, seed=3, split=split)
         blobs = colour_blobs(s)
         assert len(blobs) == 2  # two shapes, two different colours
         named = {colour_name(rgb): mask for rgb, mask in blobs.items()}
@@ -70,7 +70,7 @@ def test_relation_answers_follow_from_the_pixels(split):
             assert max(abs(c - s.background) for c in rgb) >= shapes.MIN_CONTRAST
         (a, ma), (b, mb) = named.items()
         # separated along one axis by >= the gap, so exactly one relation pair is asked about
-        assert any(first_of(m1, m2, ax, gap=shapes.RELATION_GAP - 1)
+        assert any(first_of(m1, m2, ax, gap=shapes_families.RELATION_GAP - 1)
                    for m1, m2 in ((ma, mb), (mb, ma)) for ax in "xy")
 
         (q1, a1), (q2, a2) = s.qa
@@ -84,14 +84,14 @@ def test_relation_answers_follow_from_the_pixels(split):
         assert {m.group(1), m.group(3)} == set(named)
         assert a2 == ("yes" if holds(named[m.group(1)], named[m.group(3)], m.group(2)) else "no")
         answers[a2] += 1
-        assert shapes.question_family(q1) == "relation_color" and shapes.question_family(q2) == "relation_yesno"
+        assert shapes_families.question_family(q1) == "relation_color" and shapes_families.question_family(q2) == "relation_yesno"
     assert min(answers.values()) > 0.35 * N  # both answers are common
 
 
 def test_small_answers_follow_from_the_pixels():
     counts = Counter()
     for i in range(N):
-        s = shapes.draw_family("small", i, seed=1)
+        s = shapes_families.draw_family("small", i, seed=1)
         blobs = colour_blobs(s)
         assert len(blobs) == 1
         (rgb, mask), = blobs.items()
@@ -112,19 +112,19 @@ def test_small_answers_follow_from_the_pixels():
 
 def test_families_are_deterministic_and_leave_the_classic_split_alone():
     images, rows = shapes.make_rows(6, seed=2)
-    mixed_images, mixed_rows = shapes.make_family_rows(6, {"relation": 3, "small": 2}, seed=2)
+    mixed_images, mixed_rows = shapes_families.make_family_rows(6, {"relation": 3, "small": 2}, seed=2)
     assert mixed_rows[: len(rows)] == rows
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, mixed_images))
     assert len(mixed_images) == 11 and len(mixed_rows) == 22
-    again = shapes.make_family_rows(6, {"relation": 3, "small": 2}, seed=2)
+    again = shapes_families.make_family_rows(6, {"relation": 3, "small": 2}, seed=2)
     assert again[1] == mixed_rows
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(again[0], mixed_images))
-    eval_rel = shapes.draw_family("relation", 0, seed=2, split="eval")
+    eval_rel = shapes_families.draw_family("relation", 0, seed=2, split="eval")
     assert not np.array_equal(np.asarray(eval_rel.image), np.asarray(mixed_images[6]))
-    assert {shapes.question_family(q) for _, q, _ in mixed_rows} == {
+    assert {shapes_families.question_family(q) for _, q, _ in mixed_rows} == {
         "color", "shape", "count", "describe", "relation_color", "relation_yesno", "small_count", "small_shape"}
     with pytest.raises(ValueError, match="unknown shapes-vqa family 'spiral'"):
-        shapes.draw_family("spiral", 0)
+        shapes_families.draw_family("spiral", 0)
 
 
 def test_training_reads_the_families_and_refuses_unknown_ones(tmp_path):

@@ -9,7 +9,7 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from ..data.shapes import question_family
+from ..data.shapes_families import question_family
 from ..data.shapes_dataset import preprocess_bank
 from ..training.evaluate import exact_match
 from ..training.llava_baseline import is_llava

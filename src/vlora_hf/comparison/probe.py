@@ -9,7 +9,7 @@ both relation questions need). Probes fit on training-split images and score on 
 
 import torch
 
-from ..data import shapes
+from ..data import shapes, shapes_families
 from ..data.shapes_dataset import preprocess_bank
 from ..training.llava_baseline import TowerView, is_llava
 
@@ -23,7 +23,7 @@ def targets(family: str, n: int, split: str, seed: int = 0) -> tuple[list, list[
             images.append(s.image)
             labels.append(str(s.count))
             continue
-        s = shapes.draw_family("small" if family.startswith("small") else "relation", i, seed, split)
+        s = shapes_families.draw_family("small" if family.startswith("small") else "relation", i, seed, split)
         images.append(s.image)
         if family == "small_count":
             labels.append(str(len(s.shapes)))

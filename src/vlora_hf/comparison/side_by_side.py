@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from ..data import shapes
+from ..data import shapes_families
 from ..data.llava import LLaVACollator
 from ..data.shapes_dataset import shapes_dataset
 from ..training.llava_baseline import ExpandImageTokens, image_tokens, is_llava
@@ -33,7 +33,7 @@ def _train_step(model, optimizer, batch) -> float:
 
 def measure(systems: dict, batch_size: int = 48, steps: int = 12, questions: int = 12) -> dict:
     """systems: {name: (model, processor)} -> {name: {"step_seconds", "ttft_ms"}} (medians, interleaved)."""
-    images, rows = shapes.make_family_rows(batch_size // 2, {"relation": batch_size // 8, "small": batch_size // 8})
+    images, rows = shapes_families.make_family_rows(batch_size // 2, {"relation": batch_size // 8, "small": batch_size // 8})
     rows = rows[:batch_size]
     batches = {n: _batch(m, p, images, rows) for n, (m, p) in systems.items()}
     optimizers = {n: torch.optim.AdamW(m.parameters(), lr=0.0) for n, (m, _) in systems.items()}  # lr 0: no change

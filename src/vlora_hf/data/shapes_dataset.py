@@ -9,7 +9,7 @@ import random
 
 import torch
 
-from . import shapes
+from . import shapes, shapes_families
 from .llava import LLaVADataset, chat_template_of
 
 
@@ -44,7 +44,7 @@ def training_rows(num_images: int, seed: int = 0, image_size: int | None = None,
                   families: dict | None = None):
     """-> (PIL images, rows) of the training split (with `families`' images after the classic ones), with
     `question_weights` applied."""
-    images, rows = shapes.make_family_rows(num_images, families, seed=seed, image_size=image_size)
+    images, rows = shapes_families.make_family_rows(num_images, families, seed=seed, image_size=image_size)
     if question_weights:
         rows = weight_rows(rows, question_weights, seed=seed)
     return images, rows
@@ -55,7 +55,7 @@ def heldout_rows(n: int, seed: int = 0, image_size: int | None = None, families:
     """-> (PIL images, rows) of the eval split: `n` classic images and the families in their training proportion
     to `num_images` (at least one image each)."""
     scaled = {f: max(1, round(n * count / max(1, num_images))) for f, count in (families or {}).items() if count}
-    return shapes.make_family_rows(n, scaled, seed=seed, split="eval", image_size=image_size)
+    return shapes_families.make_family_rows(n, scaled, seed=seed, split="eval", image_size=image_size)
 
 
 def group_turns(rows, seed: int = 0) -> list[tuple[int, list[tuple[str, str]]]]:

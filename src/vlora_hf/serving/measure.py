@@ -126,14 +126,7 @@ def demo_rows(processor, n: int):
 
 def measure_logits(checkpoint: Path, reference: Path | None = None, n: int = 20, **extra) -> dict:
     """vLLM's raw logits of the first generated token vs transformers, per prompt (max |difference|)."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-    from vllm.lora.request import LoRARequest
-
     from .. import VLoRAForCausalLM
-    from .adapters import AdapterFactory, write_adapter
-    from .engine import engine_defaults
 
     model = VLoRAForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     image_id = model.config.image_token_id
@@ -153,28 +146,7 @@ def measure_logits(checkpoint: Path, reference: Path | None = None, n: int = 20,
         flat = [[t for t, m in zip(row.tolist(), keep.tolist()) if m and t != image_id] for row, keep in zip(ids, mask)]
         ours_shifted = torch.stack([model(input_ids=torch.tensor([r]), row_perceptual_weights=rows[i:i + 1]).logits[0, -1]
                                     for i, r in enumerate(flat)])
-    factory = AdapterFactory(checkpoint)
-    with tempfile.TemporaryDirectory() as tmp:
-        adapters = []
-        for i, w in enumerate(factory.perceptual_weights_from_pixels(pixels)):
-            (Path(tmp) / str(i)).mkdir()
-            write_adapter(Path(tmp) / str(i), factory.tensors(w), factory.adapter_config)
-            adapters.append(LoRARequest(f"image{i}", i + 1, f"{tmp}/{i}"))
-        (Path(tmp) / "null").mkdir()
-        write_adapter(Path(tmp) / "null", factory.null_tensors(), factory.adapter_config)
-        null = LoRARequest("null", len(adapters) + 1, f"{tmp}/null")
-        it = iter(adapters)
-        lora = [next(it) if h else null for h in has_image.tolist()]
-        llm = LLM(**{**engine_defaults(checkpoint, model.config, len(adapters)), "logprobs_mode": "raw_logits",
-                     "max_logprobs": -1, "enforce_eager": True, "kv_cache_memory_bytes": 64 << 20, **extra})
-        vocab = model.config.text_config.vocab_size
-        outs = llm.generate([TokensPrompt(prompt_token_ids=r) for r in flat],
-                            SamplingParams(max_tokens=1, temperature=0, logprobs=vocab, detokenize=False),
-                            lora_request=lora, use_tqdm=False)
-    served = torch.zeros(len(flat), vocab)
-    for i, out in enumerate(outs):
-        for token, lp in out.outputs[0].logprobs[0].items():
-            served[i, token] = lp.logprob
+    served = served_logits(checkpoint, model.config, flat, pixels, has_image.tolist(), **extra)
     worst = lambda a, b: round(float((a - b).abs().amax()), 7)  # noqa: E731
     result = {
         "prompts": len(flat), "with_image": int(has_image.sum()),
@@ -187,6 +159,43 @@ def measure_logits(checkpoint: Path, reference: Path | None = None, n: int = 20,
     if release is not None:
         result["max_abs_diff_vs_release"] = worst(served, release)
     return result
+
+
+def served_logits(checkpoint: Path, config, prompts: list[list[int]], pixels, has_image: list[bool],
+                  **extra) -> torch.Tensor:
+    """vLLM's raw logits [prompts, vocab] of the first token, each image-row under its image's adapter and the
+    others under the null adapter (as the server sends them)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+
+    from .adapters import AdapterFactory, write_adapter
+    from .engine import engine_defaults
+
+    factory = AdapterFactory(checkpoint)
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = []
+        for i, w in enumerate(factory.perceptual_weights_from_pixels(pixels)):
+            (Path(tmp) / str(i)).mkdir()
+            write_adapter(Path(tmp) / str(i), factory.tensors(w), factory.adapter_config)
+            adapters.append(LoRARequest(f"image{i}", i + 1, f"{tmp}/{i}"))
+        (Path(tmp) / "null").mkdir()
+        write_adapter(Path(tmp) / "null", factory.null_tensors(), factory.adapter_config)
+        null = LoRARequest("null", len(adapters) + 1, f"{tmp}/null")
+        it = iter(adapters)
+        lora = [next(it) if h else null for h in has_image]
+        llm = LLM(**{**engine_defaults(checkpoint, config, len(adapters)), "logprobs_mode": "raw_logits",
+                     "max_logprobs": -1, "enforce_eager": True, "kv_cache_memory_bytes": 64 << 20, **extra})
+        vocab = config.text_config.vocab_size
+        outs = llm.generate([TokensPrompt(prompt_token_ids=r) for r in prompts],
+                            SamplingParams(max_tokens=1, temperature=0, logprobs=vocab, detokenize=False),
+                            lora_request=lora, use_tqdm=False)
+    served = torch.zeros(len(prompts), vocab)
+    for i, out in enumerate(outs):
+        for token, lp in out.outputs[0].logprobs[0].items():
+            served[i, token] = lp.logprob
+    return served
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
-from ..data.shapes import FAMILY_DRAWERS
+from ..data.shapes_families import FAMILY_DRAWERS
 from ..dtypes import DTYPES
 from .llm_lora import check_llm_lora
 from .scratch_tower import WARM_START_ARGS, check_schedule
