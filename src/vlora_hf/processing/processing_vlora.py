@@ -28,6 +28,7 @@ class VLoRAProcessorKwargs(ProcessingKwargs, total=False):
     """What ``ProcessorMixin._merge_kwargs`` routes by (read at run time: no postponed annotations in this file)."""
 
     images_kwargs: VLoRAImageProcessorKwargs
+    _defaults = {}  # transformers < 5.24 reads this attribute (a TypedDict subclass does not inherit it); none here
 
 
 def _is_image_like(obj) -> bool:
