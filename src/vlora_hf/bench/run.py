@@ -51,7 +51,7 @@ class BenchSettings:
 
     @classmethod
     def quick(cls) -> "BenchSettings":
-        return cls(sizes=BenchSizes(llm_hidden=128, tower_hidden=32), repeats=3, decode_tokens=8, new_tokens=8)
+        return cls(sizes=BenchSizes.quick(), repeats=3, decode_tokens=8, new_tokens=8)
 
     @classmethod
     def toy(cls) -> "BenchSettings":
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.hidden:
         if args.hidden % 64 and not args.toy:
             raise ValueError(f"--hidden must be a multiple of 64 (head size 64), got {args.hidden}")
-        st.sizes.llm_hidden, st.sizes.tower_hidden = args.hidden, max(32, args.hidden // 4)
+        st.sizes = st.sizes.widened(args.hidden)
     if args.repeats:
         if args.repeats < 1:
             raise ValueError(f"--repeats must be at least 1, got {args.repeats}")

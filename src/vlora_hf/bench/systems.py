@@ -9,7 +9,7 @@ weights are copied into every system.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -39,6 +39,16 @@ class BenchSizes:
     rank: int | None = None  # default: 64 scaled, at least 4
     skip_layers: int = 4
     vocab: int = VOCAB
+
+    @classmethod
+    def quick(cls) -> "BenchSizes":
+        """The `--quick` widths: LLM 128, tower 32."""
+        return cls(llm_hidden=128, tower_hidden=32)
+
+    def widened(self, llm_hidden: int) -> "BenchSizes":
+        """The same geometry with LLM width `llm_hidden` and a tower a quarter as wide (at least 32), the ratio of
+        the defaults."""
+        return replace(self, llm_hidden=llm_hidden, tower_hidden=max(32, llm_hidden // 4))
 
     @property
     def scale(self) -> float:

@@ -88,7 +88,7 @@ def systems_of(args) -> list[str]:
 
 
 def train_flags(args, system: str, seed: int, extra: list[str]) -> list[str]:
-    run_dir = Path(args.work) / f"{system}-seed{seed}"
+    run_dir = run_folder(args, system, seed)
     variant = args.variants.get(system.removeprefix("vlora-")) if system.startswith("vlora-") else None
     architecture = "vlora" if variant is not None else system
     flags = ["--recipe", args.recipe, "--architecture", architecture, "--seed", str(seed),
@@ -104,6 +104,16 @@ def train_flags(args, system: str, seed: int, extra: list[str]) -> list[str]:
         base = dict(yaml.safe_load(Path(args.recipe).read_text()).get("vlora") or {})
         return flags + extra + ["--vlora", json.dumps({**base, **variant})]
     return flags + extra
+
+
+def run_folder(args, system: str, seed: int) -> Path:
+    """One (system, seed) run's folder under --work: trainer output, model, result."""
+    return Path(args.work) / f"{system}-seed{seed}"
+
+
+def result_path(args, system: str, seed: int) -> Path:
+    """Where a run keeps its result: --resume and --report_only read it back."""
+    return run_folder(args, system, seed) / "result.json"
 
 
 def run_one(args, system: str, seed: int, extra: list[str]) -> dict:
@@ -144,7 +154,7 @@ def run_one(args, system: str, seed: int, extra: list[str]) -> dict:
         overrides = args.variants[system.removeprefix("vlora-")]
         result["variant"] = {"name": system.removeprefix("vlora-"), "vlora": overrides,
                              "label": variant_label(overrides)}
-    path = Path(args.work) / f"{system}-seed{seed}" / "result.json"
+    path = result_path(args, system, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1, default=float) + "\n")
     return result
@@ -209,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     wall_file = Path(args.work) / "wall_seconds.json"
     if args.report_only:  # a variant's seeds not trained (yet) are left out; its report shows the seeds there
-        jobs = [(s, k) for s, k in jobs if s in SYSTEMS or (Path(args.work) / f"{s}-seed{k}" / "result.json").is_file()]
-        results = [json.loads((Path(args.work) / f"{s}-seed{k}" / "result.json").read_text()) for s, k in jobs]
+        jobs = [(s, k) for s, k in jobs if s in SYSTEMS or result_path(args, s, k).is_file()]
+        results = [json.loads(result_path(args, s, k).read_text()) for s, k in jobs]
         wall = json.loads(wall_file.read_text()) if wall_file.is_file() else max(r["total_seconds"] for r in results)
     else:
         results = run_jobs(own, extra, jobs, args)
@@ -226,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         for (system, seed), r in zip(jobs, results):
             if "probes" not in r and seed == args.seeds[0]:  # kept in the run's result.json: a later report reuses them
                 r["probes"] = probe_model(*load_trained(r["model_dir"]))
-                path = Path(args.work) / f"{system}-seed{seed}" / "result.json"
+                path = result_path(args, system, seed)
                 path.write_text(json.dumps(r, indent=1, default=float) + "\n")
     side = None
     if args.side_by_side:
@@ -285,8 +295,8 @@ def settings(args, extra) -> dict:
 
 def run_jobs(own, extra, jobs, args) -> list[dict] | None:
     """Each (system, seed) in a child process, `args.jobs` at a time; -> the results, or None on a failure."""
-    done = lambda s, k: (Path(args.work) / f"{s}-seed{k}" / "result.json").is_file()  # noqa: E731
-    pending, running, failed = [j for j in jobs if not (args.resume and done(*j))], [], []
+    pending = [(s, k) for s, k in jobs if not (args.resume and result_path(args, s, k).is_file())]
+    running, failed = [], []
     Path(args.work).mkdir(parents=True, exist_ok=True)
     while pending or running:
         while pending and len(running) < max(1, args.jobs):
@@ -306,7 +316,7 @@ def run_jobs(own, extra, jobs, args) -> list[dict] | None:
     if failed:
         print("vlora-hf compare: error: runs failed: " + "; ".join(failed), file=sys.stderr)
         return None
-    return [json.loads((Path(args.work) / f"{s}-seed{k}" / "result.json").read_text()) for s, k in jobs]
+    return [json.loads(result_path(args, s, k).read_text()) for s, k in jobs]
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ def bench_sizes(quick: bool, width: int | None = None):
     if width is not None:
         if width < 64 or width % 64:
             raise ValueError(f"--width must be a positive multiple of 64 (the head size), got {width}")
-        return BenchSizes(llm_hidden=width, tower_hidden=max(32, width // 4))
-    return BenchSizes(llm_hidden=128, tower_hidden=32) if quick else BenchSizes()
+        return BenchSizes().widened(width)
+    return BenchSizes.quick() if quick else BenchSizes()
 
 
 def build_models(root: Path, quick: bool, seed: int = 0, width: int | None = None):

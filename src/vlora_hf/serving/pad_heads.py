@@ -77,10 +77,10 @@ class HeadPadding:
     def tensor(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """A backbone weight or an adapter factor under its (vLLM or PEFT) name, padded where it must be."""
         proj = self._projection(name)
-        if proj is None or "bias" in name.rsplit(".", 1)[-1]:
-            if proj is not None:
-                raise ValueError(f"--pad-head-dim: attention biases are not supported ({name})")
+        if proj is None:
             return t
+        if "bias" in name.rsplit(".", 1)[-1]:
+            raise ValueError(f"--pad-head-dim: attention biases are not supported ({name})")
         scale = self.q_scale if proj == "q_proj" else 1.0
         if proj in ROW_PROJECTIONS and ".lora_A." not in name:  # the weight or lora_B: output rows
             return pad_rows(t, self.pos[proj], self.size[proj], scale)
