@@ -117,7 +117,7 @@ def markdown(report: dict, png_name: str) -> str:
               "tokenizer, chat template, data, batch, schedule and steps); they differ only in how the image reaches "
               "the LLM: VLoRA's generator turns it into low-rank weight deltas, LLaVA-1.5 (transformers' "
               "`LlavaForConditionalGeneration`) feeds the tower's patch tokens through a 2-layer MLP projector.", "",
-              f"- Machine: {m['cpu']}, {m['cores']} cores (shared with other work); torch {m['torch']}, "
+              f"- Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, "
               f"transformers {m['transformers']}; {v['runs'][0]['torch_threads']} torch thread per run.",
               f"- Steps: {v['steps']} × batch {v['batch_size']}; seeds {v['seeds']}; held-out: "
               f"{v['runs'][0]['heldout_questions']} questions (eval split, never trained on), scored every "

@@ -10,6 +10,8 @@ were):
   one side of the other, named by kind (``"What color is the shape left of the circle?"`` -> ``"red"``), and
   a yes/no relation between the two colours (``"Is the red shape above the blue shape?"`` -> ``"yes"``/``"no"``,
   each answer with probability 1/2). Both ask only along the drawn axis, so the answer is never ambiguous.
+  The colour question's answer is always the shape not named (kind-colour binding, no positions needed);
+  the yes/no question needs the geometry.
 - ``small``: 1-6 small shapes of one kind and colour (box side 4-7 px, boxes at least 2 px apart), a test of
   fine detail below the tower's 8 px patch: ``"How many small shapes are there?"`` -> ``"5"`` and
   ``"What shape are the small shapes?"`` -> ``"triangle"``.
