@@ -86,6 +86,16 @@ def test_compare_on_a_toy_recipe_writes_every_field(tmp_path):
     assert json.loads(out.with_suffix(".json").read_text())["systems"]["vlora"]["final"] == v["final"]
 
 
+def test_report_only_without_runs_names_the_missing_results(tmp_path, capsys):
+    work = tmp_path / "empty"
+    recipe = Path(__file__).parents[1] / "recipes" / "demo.yaml"
+    assert cli_main(["compare", "--recipe", str(recipe), "--seeds", "0", "--work", str(work),
+                     "--out", str(tmp_path / "cmp"), "--report_only"]) == 2
+    err = capsys.readouterr().err
+    assert "--report_only needs the trained runs' results" in err and str(work / "vlora-seed0" / "result.json") in err
+    assert not (tmp_path / "cmp.md").exists()
+
+
 def test_every_question_has_a_family():
     with pytest.raises(ValueError, match="not a shapes-vqa question"):
         question_family("What is the meaning of life?")

@@ -220,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     wall_file = Path(args.work) / "wall_seconds.json"
     if args.report_only:  # a variant's seeds not trained (yet) are left out; its report shows the seeds there
         jobs = [(s, k) for s, k in jobs if s in SYSTEMS or result_path(args, s, k).is_file()]
+        missing = [str(result_path(args, s, k)) for s, k in jobs if not result_path(args, s, k).is_file()]
+        if missing:
+            print(f"vlora-hf compare: error: --report_only needs the trained runs' results under --work "
+                  f"{args.work}; missing: {', '.join(missing)}", file=sys.stderr)
+            return 2
         results = [json.loads(result_path(args, s, k).read_text()) for s, k in jobs]
         wall = json.loads(wall_file.read_text()) if wall_file.is_file() else max(r["total_seconds"] for r in results)
     else:
