@@ -20,6 +20,8 @@ SUBCOMMANDS = {
     "bench": ("vlora_hf.bench.run", "benchmark VLoRA against text-only, LLaVA and YOPO"),
     "web": ("vlora_hf.web", "serve the Gradio page (questions about an image, what it changed)"),
     "serve": ("vlora_hf.serving.server", "serve a checkpoint on vLLM (OpenAI API; each image becomes a LoRA adapter)"),
+    "evaluate": ("vlora_hf.evaluation.own", "score a checkpoint on vlora_shapes_vqa's questions with our own loop"),
+    "lmms-eval": ("vlora_hf.evaluation.cli", "lmms-eval's CLI with our task (vlora_shapes_vqa) on its include path"),
 }
 
 

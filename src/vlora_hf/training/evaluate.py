@@ -15,7 +15,7 @@ def exact_match(model, processor, images, rows, max_new_tokens: int = 32, batch_
     """rows: (image index, question, answer); images: PIL images or preprocessed pixels [N, 3, H, W].
 
     -> {"per_question": {q: accuracy}, "counts": {q: n}, "overall": accuracy,
-        "errors": [(index, question, expected, got), ...] (the first 20)}."""
+        "errors": [(index, question, expected, got), ...] (the first 20), "answers": [got, ...] (row order)}."""
     was_training = model.training
     model.eval()
     try:
@@ -37,7 +37,7 @@ def exact_match(model, processor, images, rows, max_new_tokens: int = 32, batch_
     total = sum(map(len, correct.values()))
     return {"per_question": {q: sum(v) / len(v) for q, v in correct.items()},
             "counts": {q: len(v) for q, v in correct.items()},
-            "overall": sum(map(sum, correct.values())) / max(1, total), "errors": errors}
+            "overall": sum(map(sum, correct.values())) / max(1, total), "errors": errors, "answers": got}
 
 
 __all__ = ["exact_match", "normalize_answer"]
