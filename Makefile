@@ -2,12 +2,13 @@
 # `make test`: set up and run the whole test suite; `make test-fast`: the tests not marked slow (under a minute).
 # `make web`: set up and serve the web page (the demo model) on http://127.0.0.1:7860.
 # `make serve`: set up the serving venv (vLLM) and serve the demo model at 127.0.0.1:8000 (OpenAI API).
+# `make eval`: set up the evaluation venv (lmms-eval) and score the demo model on vlora_shapes_vqa (out/eval/).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast demo-model bench web clean serving-setup serve
+.PHONY: setup demo test test-fast demo-model bench web clean serving-setup serve eval-setup eval
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,14 +65,43 @@ serving-setup: $(SERVE_VENV)/.installed
 serve: serving-setup
 	HF_HUB_OFFLINE=1 $(SERVE_VENV)/bin/vlora-hf serve --host 127.0.0.1 --port 8000
 
+# lmms-eval lives in its own venv: it pulls torchvision, whose wheels pin another (CUDA) torch. The torch installed
+# first is held with a constraint, so pip takes the torchvision built for it; that CUDA build cannot load its ops
+# on the CPU torch, so it is removed (images go through our PIL processors; lmms-eval imports it only for some
+# models). The video-legacy extra brings decord, which lmms-eval's llava_hf imports; filelock 4 lacks the
+# module lmms-eval 0.7.3 patches. On GPU machines: make eval-setup TORCH_SPEC=torch==VERSION of your CUDA torch.
+EVAL_VENV ?= .venv-eval
+EVAL_PY := $(EVAL_VENV)/bin/python
+LMMS_EVAL_SPEC ?= lmms-eval[video-legacy]==0.7.3
+
+$(EVAL_VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(EVAL_VENV)
+	$(EVAL_PY) -m pip install --upgrade pip >/dev/null
+	$(EVAL_PY) -m pip install "$(TORCH_SPEC)"
+	echo "$(TORCH_SPEC)" > $(EVAL_VENV)/torch-constraint.txt
+	$(EVAL_PY) -m pip install -c $(EVAL_VENV)/torch-constraint.txt "$(LMMS_EVAL_SPEC)" "filelock<4"
+	$(EVAL_PY) -m pip uninstall -y torchvision
+	$(EVAL_PY) -m pip install -c $(EVAL_VENV)/torch-constraint.txt -e ".[test]"
+	touch $@
+
+eval-setup: $(EVAL_VENV)/.installed
+
+# lmms-eval's own CLI (through `vlora-hf lmms-eval`, which adds our task folder); its results JSON: out/eval/.
+eval: eval-setup
+	HF_HUB_OFFLINE=1 $(EVAL_VENV)/bin/vlora-hf lmms-eval --model vlora --model_args batch_size=64 \
+		--tasks vlora_shapes_vqa --output_path out/eval
+
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/vlora-hf generate --image src/vlora_hf/examples/shapes_0.png --prompt "Describe the image."
 	HF_HUB_OFFLINE=1 $(VENV)/bin/vlora-hf generate --image src/vlora_hf/examples/shapes_1.png --prompt "What color is the shape?"
 
+# The harness tests (lmms-eval) run in the evaluation venv.
 # The serving tests run in the serving venv; they skip (saying why) only where vLLM cannot be installed. The processor
 # tests run there too: that venv holds an older transformers (vLLM pins it), the lower end of our range.
 test: setup $(VENV)/.deepspeed $(VENV)/.browser
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests --ignore-glob='tests/test_serving*'
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests --ignore-glob='tests/test_serving*' --ignore-glob='tests/test_lmms_eval*'
+	$(MAKE) eval-setup
+	HF_HUB_OFFLINE=1 $(EVAL_PY) -m pytest -q tests/test_lmms_eval*.py
 	$(MAKE) serving-setup || echo "vLLM could not be installed: the serving tests will skip"
 	if [ -f $(SERVE_VENV)/.installed ]; then HF_HUB_OFFLINE=1 $(SERVE_PY) -m pytest -q tests/test_serving*.py tests/test_processing.py; \
 	else HF_HUB_OFFLINE=1 $(PY) -m pytest -q -rs tests/test_serving*.py; fi
@@ -88,4 +118,4 @@ bench: setup
 	$(VENV)/bin/vlora-hf bench --quick --json out/bench.json
 
 clean:
-	rm -rf $(VENV) $(SERVE_VENV) build dist src/*.egg-info
+	rm -rf $(VENV) $(SERVE_VENV) $(EVAL_VENV) build dist src/*.egg-info
