@@ -104,6 +104,9 @@ def test_generate_until_batches_image_and_text_only_requests(backend):
     alone = [answer_questions(model.model, model.processor, [images[rows[k][0]]], [rows[k][1]], max_new_tokens=8)[0]
              for k in range(3)]
     assert [got[0], got[2], got[3]] == alone
+    stops = dict(greedy, until=["ASSISTANT:"], llava={"image_aspect_ratio": "original"})  # MMBench's settings
+    assert model.generate_until([request("generate_until", (rows[0][1], stops, lambda d: [d["image"]], 0, "t",
+                                                           "test"))]) == alone[:1]
     text_prompt = model.processor.apply_chat_template([{"role": "user", "content": "Describe the image."}],
                                                       add_generation_prompt=True, tokenize=False)
     enc = model.processor(text=text_prompt, return_tensors="pt")

@@ -32,7 +32,7 @@ MODEL_ARGS = {"pretrained": "checkpoint folder or Hub id (default: the shipped d
 HARNESS_ARGS = ("batch_size", "device", "max_batch_size")  # lmms-eval passes its own CLI values of these
 GENERATION_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k", "num_beams", "do_sample", "until",
                    "repetition_penalty", "num_return_sequences"}
-IGNORED_KEYS = {"image_aspect_ratio"}  # LLaVA-release options some tasks set; our processor has its own
+IGNORED_KEYS = {"image_aspect_ratio", "llava"}  # LLaVA-release options (MMBench, ScienceQA); our processor decides
 
 
 class HarnessInputError(SystemExit):
