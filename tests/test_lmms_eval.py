@@ -205,3 +205,21 @@ def test_cli_run_with_bad_input_fails_with_one_line_and_writes_nothing(tmp_path,
     assert message in run.stderr
     assert "Traceback" not in run.stdout + run.stderr
     assert not out.exists()
+
+
+def test_sampling_settings_reach_generate(backend):
+    images, rows = heldout_questions(classic_images=2)
+    model = with_docs(backend, [{"image": images[i]} for i, _, _ in rows[:2]])
+    sampled = {"max_new_tokens": 8, "temperature": 3.0, "top_p": 0.9, "until": []}  # hot: not the greedy answers
+    reqs = [request("generate_until", (rows[k][1], dict(sampled), lambda d: [d["image"]], k, "t", "test"), doc_id=k)
+            for k in range(2)]
+    torch.manual_seed(7)
+    got = model.generate_until(reqs)
+    torch.manual_seed(7)
+    expected = answer_questions(model.model, model.processor, [images[rows[k][0]] for k in range(2)],
+                                [rows[k][1] for k in range(2)], max_new_tokens=8, do_sample=True, temperature=3.0,
+                                top_p=0.9, batch_size=4)
+    assert got == expected
+    greedy = answer_questions(model.model, model.processor, [images[rows[k][0]] for k in range(2)],
+                              [rows[k][1] for k in range(2)], max_new_tokens=8)
+    assert got != greedy
