@@ -96,6 +96,19 @@ def test_lora_wraps_only_the_receiving_modules(engine):
     assert wrapped == lora_target_modules(engine.config.target_modules, engine.config.receiving_layers)
 
 
+def test_lora_runs_through_the_fused_wrapper(engine):
+    """`VLoRAEngine` asks for the fused CPU LoRA platform (platform.py); every answer in this file went through it."""
+    from vlora_hf.serving.fused_lora import FusedPunicaWrapperCPU
+
+    runner = engine.llm.llm_engine.model_executor.driver_worker.worker.model_runner
+    wrapper = runner.lora_manager._adapter_manager.punica_wrapper_mapping
+    wrapper = next(iter(wrapper.values()))
+    assert type(wrapper) is FusedPunicaWrapperCPU
+    calls = wrapper.fused_calls
+    _vllm_tokens(engine, _heldout(1))
+    assert wrapper.fused_calls > calls
+
+
 def test_text_only_requests_beside_image_requests(engine, reference):
     """A request without an image gets the backbone's own answer, also beside image requests. With every LoRA slot
     taken (IN_FLIGHT images, max_loras=IN_FLIGHT), a request without an adapter would get the last slot's adapter

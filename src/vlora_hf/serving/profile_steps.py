@@ -144,17 +144,31 @@ def instrument(timers: StepTimers) -> None:
     timers.wrap(LoRAModelRunnerMixin, "set_active_loras", "lora_mapping")
     timers.wrap(LoRAModelManager, "activate_adapter", "lora_activate")
     timers.wrap(WorkerLoRAManager, "_load_adapter", "lora_load")
+    from .fused_lora import FusedPunicaWrapperCPU
+
     for name in ("add_lora_linear", "add_lora_logits", "add_lora_embedding"):
         timers.wrap(PunicaWrapperCPU, name, name.replace("add_", ""))
+    timers.wrap(FusedPunicaWrapperCPU, "add_lora_linear", "lora_linear")  # nested in it: vLLM's, where it falls back
+
+
+def lora_manager(llm):
+    """vLLM's LoRA model manager of an in-process engine (None without LoRA)."""
+    try:
+        return llm.llm_engine.model_executor.driver_worker.worker.model_runner.lora_manager._adapter_manager
+    except AttributeError:
+        return None
 
 
 def lora_module_count(llm) -> int | None:
     """How many modules vLLM wrapped with LoRA (None without LoRA)."""
-    try:
-        runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
-        return len(runner.lora_manager._adapter_manager.modules)
-    except AttributeError:
-        return None
+    manager = lora_manager(llm)
+    return None if manager is None else len(manager.modules)
+
+
+def punica_wrapper_name(llm) -> str | None:
+    """The class of the LoRA wrapper vLLM runs (None without LoRA)."""
+    manager = lora_manager(llm)
+    return None if manager is None else type(next(iter(manager.punica_wrapper_mapping.values()))).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             row["ops_per_step"] = counted.get(phase, {}).get("ops_per_step", {})
         result = {"system": args.system, "n": args.n, "new_tokens": args.tokens, "sizes": sizes.describe(),
                   "wall_s": round(wall, 3), "phases": timed, "lora_modules": lora_module_count(system.llm),
+                  "punica_wrapper": punica_wrapper_name(system.llm),
                   "image_side_ms": getattr(system, "last_times", None), "loadavg": os.getloadavg()}
     print(json.dumps(result, indent=1), file=out)
     return 0
