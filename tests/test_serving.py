@@ -61,7 +61,8 @@ def engine(tmp_path_factory):
     adapter = sum(f.stat().st_size for f in folder.iterdir())
     # Room for the images in flight plus the null adapter, and no more: every new image evicts an old one.
     eng = VLoRAEngine(demo_model_path(), max_images_in_flight=IN_FLIGHT, adapter_cache_bytes=(IN_FLIGHT + 1) * adapter,
-                      max_loras=IN_FLIGHT, enforce_eager=True, kv_cache_memory_bytes=64 << 20, max_num_seqs=32)
+                      max_loras=IN_FLIGHT, enforce_eager=True, kv_cache_memory_bytes=64 << 20, max_num_seqs=32,
+                      dtype="float32")  # exactness in fp32 (the CPU default may be bf16)
     yield eng
     eng.close()
     if saved is None:

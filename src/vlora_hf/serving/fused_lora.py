@@ -7,9 +7,13 @@ step. This wrapper keeps, per wrapped module, one fused copy of vLLM's stacked f
     A: [slots + 1, d_in, K]       every slice's Aᵀ side by side (K = slices · rank, padded to a multiple of 8)
     B: [slots + 1, K, d_out]      block-diagonal: slice s's Bᵀ at rows s·rank.., columns of its output slice
 
-whose last slot is all zero, and per step the tokens grouped by slot (one sort, computed once per step for all
-modules). A module's LoRA is then `x[order]` → `grouped_mm(·, A)` → `grouped_mm(·, B)` → `y.index_add_`: four ops,
-FLOPs only for each token's own slot, no per-token copy of the factors. The block-diagonal B spends (slices − 1)
+whose last slot is all zero, and per step each token's slot (computed once per step for all modules).
+
+- Prefill (many tokens per request): tokens grouped by slot (one sort per step); a module's LoRA is `x[order]` →
+  `grouped_mm(·, A)` → `grouped_mm(·, B)` → `y += ·[unorder]`: five ops, FLOPs only for each token's own slot, no
+  per-token copy of the factors.
+- Decode (one token per request): each token's fused factors gathered, then one batched matmul for the shrink and
+  one for the expand (`grouped_mm` would run one small matmul per slot, each its own parallel region). The block-diagonal B spends (slices − 1)
 zero blocks on the expand (~1 % of a receiving layer's FLOPs for q/k/v); the zeros add exactly nothing.
 
 A token without an adapter (vLLM's index -1) lands on the zero slot (Python's index -1 is the last slot), so it
@@ -60,6 +64,7 @@ class FusedPunicaWrapperCPU(PunicaWrapperCPU):
         self._slot_ids: tuple = ()
         self._slot_generation: list[int] = []
         self._order: torch.Tensor | None = None  # tokens sorted by slot (None: already sorted)
+        self._unorder: torch.Tensor | None = None  # its inverse permutation
         self._offsets: torch.Tensor | None = None  # [slots + 1] int32 group ends
         self._tokens = -1  # tokens in this step
         self._any_lora = False
@@ -82,8 +87,10 @@ class FusedPunicaWrapperCPU(PunicaWrapperCPU):
         self._any_lora = bool(counts[:slots].any())
         self._offsets = counts.cumsum(0).to(torch.int32)
         self._tokens = token_slots.numel()
+        self._token_slots = token_slots
         ordered = bool((token_slots[1:] >= token_slots[:-1]).all()) if token_slots.numel() > 1 else True
         self._order = None if ordered else torch.argsort(token_slots, stable=True)
+        self._unorder = None if ordered else torch.argsort(self._order)
 
     # ----- per module -------------------------------------------------------------------------------------
     def _factors(self, lora_a_stacked, lora_b_stacked, output_slices, dtype) -> FusedFactors | None:
@@ -115,14 +122,16 @@ class FusedPunicaWrapperCPU(PunicaWrapperCPU):
             dirty = list(range(len(self._slot_generation)))
         a_stacked, b_stacked = entry.stacked
         rank = a_stacked[0].shape[2]
-        with torch.no_grad():
-            for slot in dirty:
-                offset = 0
-                for s, (a, b, width) in enumerate(zip(a_stacked, b_stacked, output_slices)):
-                    entry.A[slot, :, s * rank:(s + 1) * rank].copy_(a[slot, 0].T)
-                    entry.B[slot, s * rank:(s + 1) * rank, offset:offset + width].copy_(b[slot, 0, :width].T)
-                    offset += width
-                entry.generations[slot] = self._slot_generation[slot]
+        index = torch.tensor(dirty)
+        with torch.no_grad():  # one copy per slice and factor for all dirty slots
+            offset = 0
+            for s, (a, b, width) in enumerate(zip(a_stacked, b_stacked, output_slices)):
+                entry.A[index, :, s * rank:(s + 1) * rank] = a[index, 0].transpose(1, 2).to(entry.A.dtype)
+                entry.B[index, s * rank:(s + 1) * rank, offset:offset + width] = (
+                    b[index, 0, :width].transpose(1, 2).to(entry.B.dtype))
+                offset += width
+        for slot in dirty:
+            entry.generations[slot] = self._slot_generation[slot]
 
     def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None,
                         **kwargs):
@@ -135,13 +144,16 @@ class FusedPunicaWrapperCPU(PunicaWrapperCPU):
         self.fused_calls += 1
         if not self._any_lora:
             return None
+        if not self.is_prefill:  # one token per request: each token's factors gathered, one batched matmul each
+            h = torch.bmm(x.unsqueeze(1), factors.A[self._token_slots])
+            if scale != 1.0:
+                h = h * scale
+            y.add_(torch.bmm(h, factors.B[self._token_slots]).squeeze(1))
+            return None
         rows = x if self._order is None else x[self._order]
         h = torch._grouped_mm(rows, factors.A, offs=self._offsets)
         if scale != 1.0:
             h = h * scale
         out = torch._grouped_mm(h, factors.B, offs=self._offsets)
-        if self._order is None:
-            y.add_(out)
-        else:
-            y.index_add_(0, self._order, out)
+        y.add_(out if self._unorder is None else out[self._unorder])  # a gather: index_add_ is a slow scatter here
         return None

@@ -75,7 +75,7 @@ def measure_answers(n: int, clients: int, max_tokens: int = 16) -> dict:
 
     rows = [(s.image, q, a) for s in heldout_samples((n + 1) // 2) for q, a in s.qa][:n]
     with tempfile.TemporaryDirectory() as tmp:
-        proc, base = start_server(["--max-images-in-flight", str(clients), "--enforce-eager"], Path(tmp) / "log")
+        proc, base = start_server(["--max-images-in-flight", str(clients), "--enforce-eager", "--dtype", "float32"], Path(tmp) / "log")
         try:
             t0 = time.perf_counter()
             with ThreadPoolExecutor(clients) as pool:
@@ -199,7 +199,8 @@ def served_logits(checkpoint: Path, config, prompts: list[list[int]], pixels, ha
         null = LoRARequest("null", len(adapters) + 1, f"{tmp}/null")
         it = iter(adapters)
         lora = [next(it) if h else null for h in has_image]
-        options = {**engine_defaults(checkpoint, config, len(adapters)), "logprobs_mode": "raw_logits",
+        options = {**engine_defaults(checkpoint, config, len(adapters)), "dtype": "float32",  # exactness: fp32
+                   "logprobs_mode": "raw_logits",
                    "max_logprobs": -1, "enforce_eager": True, "kv_cache_memory_bytes": 64 << 20, **extra}
         if not (Path(options["model"]) / "tokenizer_config.json").is_file():  # e.g. the converted release fixture
             options.setdefault("skip_tokenizer_init", True)
