@@ -65,19 +65,26 @@ class Setting:
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def build_models(root: Path, setting: Setting, seed: int = 0):
-    """`vlora-hf bench`'s LLaVA and VLoRA (same tower, backbone, LM head) in the setting's dtype; VLoRA and LLaVA's
-    backbone saved for vLLM."""
+def build_models(root: Path, setting: Setting, seed: int = 0) -> None:
+    """`vlora-hf bench`'s LLaVA and VLoRA (same tower, backbone, LM head), made once in the setting's dtype (made
+    in it, not converted: at 7B an fp32 copy would not fit beside the others) and saved under `root`: LLaVA, its
+    backbone for vLLM, VLoRA."""
     from ..bench.systems import build_llava, build_text_only, build_vlora
     from ..processing import VLoRAImageProcessor
 
     sizes, dtype = setting.sizes(), setting.torch_dtype
-    llava = build_llava(sizes, dtype=dtype, seed=seed)
-    vlora = build_vlora(sizes, llava, dtype=dtype, seed=seed + 1)
-    build_text_only(sizes, llava, dtype=dtype).save_pretrained(root / "llava_backbone")
-    vlora.save_pretrained(root / "vlora")
-    VLoRAImageProcessor.from_vision_config(vlora.config.vision_config).save_pretrained(root / "vlora")
-    return sizes, llava, vlora
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        llava = build_llava(sizes, dtype=dtype, seed=seed)
+        build_text_only(sizes, llava, dtype=dtype).save_pretrained(root / "llava_backbone")
+        vlora = build_vlora(sizes, llava, dtype=dtype, seed=seed + 1)
+        llava.save_pretrained(root / "llava")
+        del llava
+        vlora.save_pretrained(root / "vlora")
+        VLoRAImageProcessor.from_vision_config(vlora.config.vision_config).save_pretrained(root / "vlora")
+    finally:
+        torch.set_default_dtype(default)
 
 
 def random_requests(n: int, sizes, gen: torch.Generator):
@@ -203,10 +210,12 @@ class LlamaVLLM:
 
 
 def make_system(name: str, root: Path, setting: Setting, max_seqs: int):
+    """One system on the models under `root` (made there first if missing)."""
     if setting.threads:
         torch.set_num_threads(setting.threads)  # before vLLM's CPU worker takes torch.set_num_threads away
-    sizes, llava, vlora = build_models(root, setting)
-    dtype = setting.torch_dtype
+    if not (root / "vlora").is_dir():
+        build_models(root, setting)
+    sizes, dtype = setting.sizes(), setting.torch_dtype
     # KV cache for max_seqs LLaVA-length sequences (keys and values of the LLM's KV width), a quarter to spare
     tokens = PROMPT_TOKENS + sizes.describe()["n_patches"] + NEW_TOKENS
     kv_width = sizes.llm_hidden * (sizes.llm_kv_heads or sizes.llm_heads()) // sizes.llm_heads()
@@ -215,47 +224,57 @@ def make_system(name: str, root: Path, setting: Setting, max_seqs: int):
     if DEVICE == "cuda":  # three engines share the GPU
         engine.update(enforce_eager=False, gpu_memory_utilization=0.28)
     if name == "vlora_vllm":
-        (root / "adapters").mkdir()
-        return sizes, VLoRAvLLM(root / "vlora", vlora.config, max_seqs, root / "adapters", dtype, **engine)
+        from .. import VLoRAConfig
+
+        adapters = Path(tempfile.mkdtemp(prefix="adapters-", dir=root))
+        return sizes, VLoRAvLLM(root / "vlora", VLoRAConfig.from_pretrained(root / "vlora"), max_seqs, adapters,
+                                dtype, **engine)
     if name == "llava_vllm":
+        from transformers import LlavaForConditionalGeneration
+
+        llava = LlavaForConditionalGeneration.from_pretrained(root / "llava", dtype=dtype).eval()
         return sizes, LlavaVLLM(root / "llava_backbone", llava, dtype, **engine)
     if name == "llama_vllm":
         return sizes, LlamaVLLM(root / "llava_backbone", dtype, **engine)
-    return sizes, VLoRATransformers(vlora)
+    from .. import VLoRAForCausalLM
+
+    return sizes, VLoRATransformers(VLoRAForCausalLM.from_pretrained(root / "vlora", dtype=dtype).eval())
 
 
-def worker(name: str, concurrency: list[int], setting: Setting) -> None:
+def worker(name: str, concurrency: list[int], setting: Setting, models: Path) -> None:
     """One system in this process (vLLM holds one engine per process), timing what the parent asks for:
     stdin lines `N TOKENS SEED` -> stdout lines `{"seconds": wall, "cpu_seconds": this process's CPU time}` (vLLM's
     engine runs in this process, so CPU time covers it; it depends less on other jobs than wall time does)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     out = sys.stdout
     sys.stdout = sys.stderr  # vLLM's logs stay off the answer channel
-    with tempfile.TemporaryDirectory() as tmp:
-        sizes, system = make_system(name, Path(tmp), setting, max(concurrency))
-        for n in concurrency:  # every batch size once, untimed
-            system.run(*random_requests(n, sizes, torch.Generator().manual_seed(10_000 + n)), 2)
-        print(json.dumps({"ready": name, "sizes": sizes.describe(), "torch_threads": torch.get_num_threads()}),
-              file=out, flush=True)
-        for line in sys.stdin:
-            n, tokens, seed = map(int, line.split())
-            ids, pixels = random_requests(n, sizes, torch.Generator().manual_seed(seed))
-            cpu = time.process_time()
-            wall = timed(lambda: system.run(ids, pixels, tokens))
-            print(json.dumps({"seconds": wall, "cpu_seconds": time.process_time() - cpu,
-                              "image_side_ms": getattr(system, "last_times", None)}), file=out, flush=True)
+    sizes, system = make_system(name, models, setting, max(concurrency))
+    for n in concurrency:  # every batch size once, untimed
+        system.run(*random_requests(n, sizes, torch.Generator().manual_seed(10_000 + n)), 2)
+    print(json.dumps({"ready": name, "sizes": sizes.describe(), "torch_threads": torch.get_num_threads()}),
+          file=out, flush=True)
+    for line in sys.stdin:
+        n, tokens, seed = map(int, line.split())
+        ids, pixels = random_requests(n, sizes, torch.Generator().manual_seed(seed))
+        cpu = time.process_time()
+        wall = timed(lambda: system.run(ids, pixels, tokens))
+        print(json.dumps({"seconds": wall, "cpu_seconds": time.process_time() - cpu,
+                          "image_side_ms": getattr(system, "last_times", None)}), file=out, flush=True)
 
 
 def run(concurrency: list[int], setting: Setting, systems: list[str], repeats: int, log=print) -> dict:
-    """All systems at once, each in its own idle-waiting process (started one after the other, so only one builds
-    its models at a time); timed runs interleave (A B C, B C A, ...), so every system sees the same machine load.
+    """All systems at once on models made once here, each in its own idle-waiting process (started one after the
+    other, so their start-up peaks do not add up); timed runs interleave (A B C, B C A, ...), so every system sees the same machine load.
     Medians of `repeats`; the same requests for every system."""
     import subprocess
 
+    models = tempfile.TemporaryDirectory(prefix="vlora-serving-bench-")
+    build_models(Path(models.name), setting)  # once, for every worker
+    log("models made")
     procs, threads, sizes = {}, {}, None
     for name in systems:
-        cmd = [sys.executable, "-m", "vlora_hf.serving.bench", "--worker", name, "--concurrency",
-               *map(str, concurrency)] + setting.argv()
+        cmd = [sys.executable, "-m", "vlora_hf.serving.bench", "--worker", name, "--models", models.name,
+               "--concurrency", *map(str, concurrency)] + setting.argv()
         procs[name] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         line = procs[name].stdout.readline()
         if not line:
@@ -285,6 +304,7 @@ def run(concurrency: list[int], setting: Setting, systems: list[str], repeats: i
         for proc in procs.values():
             proc.stdin.close()
             proc.wait()
+        models.cleanup()
     results, ratios = summarize(raw)
     ratios.update(limits(raw))
     return {"results": results, "ratios": ratios, "sizes": sizes, "prompt_tokens": PROMPT_TOKENS,
@@ -336,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one system, driven by the parent
+    p.add_argument("--models", type=Path, default=None, help=argparse.SUPPRESS)  # the parent's models
     p.add_argument("--gpu-run", action="store_true",
                    help="the GPU run (`make bench-gpu`): " + " ".join(GPU_RUN) + " (options given after it win)")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -344,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setting = Setting(args.quick, args.width, args.geometry, bench_dtype(args.dtype), args.threads)
     if args.worker:
-        worker(args.worker, args.concurrency, setting)
+        worker(args.worker, args.concurrency, setting, args.models)
         return 0
     log = lambda m: print(f"[serving-bench] {m}", file=sys.stderr, flush=True)  # noqa: E731
     try:
