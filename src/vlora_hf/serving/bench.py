@@ -269,13 +269,16 @@ def run(concurrency: list[int], setting: Setting, systems: list[str], repeats: i
     import subprocess
 
     models = tempfile.TemporaryDirectory(prefix="vlora-serving-bench-")
-    build_models(Path(models.name), setting)  # once, for every worker
+    # once, for every worker, in a process of its own (that returns the building's memory to the machine)
+    subprocess.run([sys.executable, "-m", "vlora_hf.serving.bench", "--models", models.name, *setting.argv()],
+                   check=True)
     log("models made")
     procs, threads, sizes = {}, {}, None
     for name in systems:
         cmd = [sys.executable, "-m", "vlora_hf.serving.bench", "--worker", name, "--models", models.name,
                "--concurrency", *map(str, concurrency)] + setting.argv()
-        procs[name] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        env = {"VLORA_SERVING_CACHE": str(Path(models.name) / "export"), **os.environ}  # random weights: no reuse
+        procs[name] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         line = procs[name].stdout.readline()
         if not line:
             raise RuntimeError(f"the {name} worker exited before it was ready (see its log above)")
@@ -366,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     setting = Setting(args.quick, args.width, args.geometry, bench_dtype(args.dtype), args.threads)
     if args.worker:
         worker(args.worker, args.concurrency, setting, args.models)
+        return 0
+    if args.models is not None:  # the parent's model-making process
+        build_models(args.models, setting)
         return 0
     log = lambda m: print(f"[serving-bench] {m}", file=sys.stderr, flush=True)  # noqa: E731
     try:
