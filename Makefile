@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast demo-model bench web clean serving-setup serve eval-setup eval
+.PHONY: setup demo test test-fast demo-model bench web clean serving-setup serve eval-setup eval bench-gpu
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -90,6 +90,21 @@ eval-setup: $(EVAL_VENV)/.installed
 eval: eval-setup
 	HF_HUB_OFFLINE=1 $(EVAL_VENV)/bin/vlora-hf lmms-eval --model vlora --model_args batch_size=64 \
 		--tasks vlora_shapes_vqa --output_path out/eval
+
+# `make bench-gpu`, on a CUDA machine: a venv with the CUDA build of vLLM (it brings its own CUDA torch), then the
+# serving bench at the paper's 7B geometry (random weights, bf16) -> out/serving_bench_gpu.json. The same command
+# runs on CPU at a tiny geometry in tests/test_serving_bench.py.
+GPU_VENV ?= .venv-gpu
+GPU_VLLM_SPEC ?= vllm
+$(GPU_VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --upgrade pip >/dev/null
+	$(GPU_VENV)/bin/python -m pip install "$(GPU_VLLM_SPEC)"
+	$(GPU_VENV)/bin/python -m pip install -e ".[test]"
+	touch $@
+
+bench-gpu: $(GPU_VENV)/.installed
+	HF_HUB_OFFLINE=1 $(GPU_VENV)/bin/python -m vlora_hf.serving.bench --gpu-run
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/vlora-hf generate --image src/vlora_hf/examples/shapes_0.png --prompt "Describe the image."

@@ -61,7 +61,8 @@ def engine(tmp_path_factory):
     adapter = sum(f.stat().st_size for f in folder.iterdir())
     # Room for the images in flight plus the null adapter, and no more: every new image evicts an old one.
     eng = VLoRAEngine(demo_model_path(), max_images_in_flight=IN_FLIGHT, adapter_cache_bytes=(IN_FLIGHT + 1) * adapter,
-                      max_loras=IN_FLIGHT, enforce_eager=True, kv_cache_memory_bytes=64 << 20, max_num_seqs=32)
+                      max_loras=IN_FLIGHT, enforce_eager=True, kv_cache_memory_bytes=64 << 20, max_num_seqs=32,
+                      dtype="float32")  # exactness in fp32 (the CPU default may be bf16)
     yield eng
     eng.close()
     if saved is None:
@@ -94,6 +95,19 @@ def test_lora_wraps_only_the_receiving_modules(engine):
     runner = engine.llm.llm_engine.model_executor.driver_worker.worker.model_runner
     wrapped = sorted(runner.lora_manager._adapter_manager.modules)
     assert wrapped == lora_target_modules(engine.config.target_modules, engine.config.receiving_layers)
+
+
+def test_lora_runs_through_the_fused_wrapper(engine):
+    """`VLoRAEngine` asks for the fused CPU LoRA platform (platform.py); every answer in this file went through it."""
+    from vlora_hf.serving.fused_lora import FusedPunicaWrapperCPU
+
+    runner = engine.llm.llm_engine.model_executor.driver_worker.worker.model_runner
+    wrapper = runner.lora_manager._adapter_manager.punica_wrapper_mapping
+    wrapper = next(iter(wrapper.values()))
+    assert type(wrapper) is FusedPunicaWrapperCPU
+    calls = wrapper.fused_calls
+    _vllm_tokens(engine, _heldout(1))
+    assert wrapper.fused_calls > calls
 
 
 def test_text_only_requests_beside_image_requests(engine, reference):

@@ -35,7 +35,7 @@ def server(tmp_path_factory):
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server as users run it: vLLM's engine processes
     log = tmp_path_factory.mktemp("log") / "server.log"
     args = ["--max-images-in-flight", "4", "--adapter-dir", str(adapters), "--max-image-mb", str(MAX_IMAGE_MB),
-            "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20)]
+            "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20), "--dtype", "float32"]
     try:
         proc, base = start_server(args, log, env=env)
     except RuntimeError:

@@ -39,6 +39,8 @@ class BenchSizes:
     rank: int | None = None  # default: 64 scaled, at least 4
     skip_layers: int = 4
     vocab: int = VOCAB
+    llm_kv_heads: int | None = None  # default: as many as query heads (Vicuna); fewer for GQA backbones
+    intermediate: int | None = None  # default: 11008 scaled
 
     @classmethod
     def quick(cls) -> "BenchSizes":
@@ -58,7 +60,7 @@ class BenchSizes:
         return max(1, self.llm_hidden // 64)
 
     def llm_intermediate(self) -> int:
-        return max(8, int(round(11008 * self.scale / 8)) * 8)
+        return self.intermediate or max(8, int(round(11008 * self.scale / 8)) * 8)
 
     def tower_heads(self) -> int:
         return max(1, self.tower_hidden // 64)
@@ -90,7 +92,7 @@ def text_config(s: BenchSizes):
 
     return LlamaConfig(
         vocab_size=s.vocab, hidden_size=s.llm_hidden, intermediate_size=s.llm_intermediate(),
-        num_hidden_layers=s.llm_layers, num_attention_heads=s.llm_heads(), num_key_value_heads=s.llm_heads(),
+        num_hidden_layers=s.llm_layers, num_attention_heads=s.llm_heads(), num_key_value_heads=s.llm_kv_heads or s.llm_heads(),
         max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
         tie_word_embeddings=False,
     )

@@ -119,8 +119,30 @@ class AdapterFactory:
                 for name, t in self.tensors(torch.zeros(self.side.generator.weights_dim)).items()}
 
 
-def write_adapter(folder: Path, tensors: dict[str, torch.Tensor], adapter_config: dict) -> None:
-    from safetensors.torch import save_file
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
-    save_file(tensors, str(folder / ADAPTER_WEIGHTS))
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """The safetensors format (8-byte header length, JSON header, raw little-endian data), each tensor's bytes
+    written straight from its memory: `safetensors.torch.save_file` first builds the whole file in a bytes buffer
+    (at the 7B adapter's 42 MB: 127 ms per image against ~15 ms here, one thread, /dev/shm)."""
+    header, offset, parts = {}, 0, []
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        parts.append(t)
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for t in parts:
+            f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+
+
+def write_adapter(folder: Path, tensors: dict[str, torch.Tensor], adapter_config: dict) -> None:
+    write_safetensors(folder / ADAPTER_WEIGHTS, tensors)
     (folder / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n")

@@ -24,38 +24,67 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .bench_setup import GEOMETRIES, analytic_flops, bench_dtype, bench_sizes, limits
+
+# `make bench-gpu`: the paper's 7B geometry, random weights, bf16, the two vLLM systems and the ceiling
+GPU_RUN = ["--geometry", "7b", "--dtype", "bfloat16", "--systems", "vlora_vllm", "llava_vllm", "llama_vllm",
+           "--concurrency", "1", "16", "64", "--repeats", "2", "--traffic", "--json", "out/serving_bench_gpu.json"]
 PROMPT_TOKENS = 64
 NEW_TOKENS = 16
 
 
-def bench_sizes(quick: bool, width: int | None = None):
-    """`vlora-hf bench`'s geometry: its full widths, its --quick ones (LLM 128, tower 32), or LLM `width` with a
-    tower a quarter as wide (the ratio of both)."""
-    from ..bench.systems import BenchSizes
+@dataclass
+class Setting:
+    """What every system of one run shares: the geometry (`geometry`, or `width`, or --quick's, or the full widths),
+    the dtype and the torch threads."""
 
-    if width is not None:
-        if width < 64 or width % 64:
-            raise ValueError(f"--width must be a positive multiple of 64 (the head size), got {width}")
-        return BenchSizes().widened(width)
-    return BenchSizes.quick() if quick else BenchSizes()
+    quick: bool = False
+    width: int | None = None
+    geometry: str | None = None
+    dtype: str = "float32"
+    threads: int | None = None
+
+    def sizes(self):
+        return bench_sizes(self.quick, self.width, self.geometry)
+
+    def argv(self) -> list[str]:
+        return ((["--quick"] if self.quick else []) + (["--width", str(self.width)] if self.width else [])
+                + (["--geometry", self.geometry] if self.geometry else []) + ["--dtype", self.dtype]
+                + (["--threads", str(self.threads)] if self.threads else []))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
 
 
-def build_models(root: Path, quick: bool, seed: int = 0, width: int | None = None):
-    """`vlora-hf bench`'s LLaVA and VLoRA (same tower, backbone, LM head); VLoRA and LLaVA's backbone saved for vLLM."""
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_models(root: Path, setting: Setting, seed: int = 0) -> None:
+    """`vlora-hf bench`'s LLaVA and VLoRA (same tower, backbone, LM head), made once in the setting's dtype (made
+    in it, not converted: at 7B an fp32 copy would not fit beside the others) and saved under `root`: LLaVA, its
+    backbone for vLLM, VLoRA."""
     from ..bench.systems import build_llava, build_text_only, build_vlora
     from ..processing import VLoRAImageProcessor
 
-    sizes = bench_sizes(quick, width)
-    llava = build_llava(sizes, seed=seed)
-    vlora = build_vlora(sizes, llava, seed=seed + 1)
-    build_text_only(sizes, llava).save_pretrained(root / "llava_backbone")
-    vlora.save_pretrained(root / "vlora")
-    VLoRAImageProcessor.from_vision_config(vlora.config.vision_config).save_pretrained(root / "vlora")
-    return sizes, llava, vlora
+    sizes, dtype = setting.sizes(), setting.torch_dtype
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        llava = build_llava(sizes, dtype=dtype, seed=seed)
+        build_text_only(sizes, llava, dtype=dtype).save_pretrained(root / "llava_backbone")
+        vlora = build_vlora(sizes, llava, dtype=dtype, seed=seed + 1)
+        llava.save_pretrained(root / "llava")
+        del llava
+        vlora.save_pretrained(root / "vlora")
+        VLoRAImageProcessor.from_vision_config(vlora.config.vision_config).save_pretrained(root / "vlora")
+    finally:
+        torch.set_default_dtype(default)
 
 
 def random_requests(n: int, sizes, gen: torch.Generator):
@@ -74,16 +103,20 @@ def timed(fn):
 class VLoRAvLLM:
     name = "vlora_vllm"
 
-    def __init__(self, folder: Path, config, max_loras: int, store_root: Path, **engine):
+    def __init__(self, folder: Path, config, max_loras: int, store_root: Path, dtype: torch.dtype, **engine):
+        from .platform import request_fused_lora
+
+        request_fused_lora()  # before vLLM resolves its platform (importing vllm.LLM does)
         from vllm import LLM
 
         from .adapters import AdapterFactory
         from .engine import engine_defaults
 
-        self.factory = AdapterFactory(folder)
+        self.factory = AdapterFactory(folder, device=DEVICE, dtype=dtype)
         self.store_root = store_root
         self.count = 0
-        self.llm = LLM(**{**engine_defaults(folder, config, max_loras), "skip_tokenizer_init": True, **engine})
+        self.llm = LLM(**{**engine_defaults(folder, config, max_loras), "skip_tokenizer_init": True,
+                          "dtype": str(dtype).removeprefix("torch."), **engine})
 
     def run(self, ids, pixels, new_tokens):
         from vllm import SamplingParams
@@ -116,12 +149,12 @@ class LlavaVLLM:
 
     name = "llava_vllm"
 
-    def __init__(self, folder: Path, llava, **engine):
+    def __init__(self, folder: Path, llava, dtype: torch.dtype, **engine):
         from vllm import LLM
 
-        self.llava = llava
-        self.llm = LLM(model=str(folder), dtype="float32", skip_tokenizer_init=True, enable_prompt_embeds=True,
-                       **engine)
+        self.llava = llava.to(DEVICE)
+        self.llm = LLM(model=str(folder), dtype=str(dtype).removeprefix("torch."), skip_tokenizer_init=True,
+                       enable_prompt_embeds=True, **engine)
 
     @torch.inference_mode()
     def run(self, ids, pixels, new_tokens):
@@ -129,6 +162,7 @@ class LlavaVLLM:
 
         t0 = time.perf_counter()
         m = self.llava.model
+        ids, pixels = ids.to(DEVICE), pixels.to(DEVICE, self.llava.dtype)
         visual = m.get_image_features(pixel_values=pixels, vision_feature_layer=-2,
                                       vision_feature_select_strategy="default")
         visual = visual.pooler_output if hasattr(visual, "pooler_output") else visual
@@ -136,7 +170,7 @@ class LlavaVLLM:
         text = m.language_model.embed_tokens(ids)
         embeds = torch.cat([text[:, :1], visual.reshape(ids.shape[0], -1, text.shape[-1]), text[:, 1:]], dim=1)
         self.last_times = {"tower_projector": round(1000 * (time.perf_counter() - t0), 2)}
-        self.llm.generate([{"prompt_embeds": e} for e in embeds],
+        self.llm.generate([{"prompt_embeds": e} for e in embeds.cpu()],
                           SamplingParams(max_tokens=new_tokens, ignore_eos=True, temperature=0, detokenize=False),
                           use_tqdm=False)
 
@@ -145,11 +179,12 @@ class VLoRATransformers:
     name = "vlora_transformers"
 
     def __init__(self, model):
-        self.model = model
+        self.model = model.to(DEVICE)
 
     @torch.inference_mode()
     def run(self, ids, pixels, new_tokens):
-        placeholder = torch.full((ids.shape[0], 1), self.model.config.image_token_id)
+        ids, pixels = ids.to(DEVICE), pixels.to(DEVICE, self.model.dtype)
+        placeholder = torch.full((ids.shape[0], 1), self.model.config.image_token_id, device=DEVICE)
         ids = torch.cat([ids[:, :1], placeholder, ids[:, 1:]], dim=1)
         self.model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                             do_sample=False, pad_token_id=0)
@@ -160,10 +195,10 @@ class LlamaVLLM:
 
     name = "llama_vllm"
 
-    def __init__(self, folder: Path, **engine):
+    def __init__(self, folder: Path, dtype: torch.dtype, **engine):
         from vllm import LLM
 
-        self.llm = LLM(model=str(folder), dtype="float32", skip_tokenizer_init=True, **engine)
+        self.llm = LLM(model=str(folder), dtype=str(dtype).removeprefix("torch."), skip_tokenizer_init=True, **engine)
 
     def run(self, ids, pixels, new_tokens):
         from vllm import SamplingParams
@@ -174,58 +209,82 @@ class LlamaVLLM:
                           use_tqdm=False)
 
 
-def make_system(name: str, root: Path, quick: bool, max_seqs: int, width: int | None = None):
-    sizes, llava, vlora = build_models(root, quick, width=width)
-    # KV cache for max_seqs LLaVA-length sequences (fp32 keys and values), with a quarter to spare
+def make_system(name: str, root: Path, setting: Setting, max_seqs: int):
+    """One system on the models under `root` (made there first if missing)."""
+    if setting.threads:
+        torch.set_num_threads(setting.threads)  # before vLLM's CPU worker takes torch.set_num_threads away
+    if not (root / "vlora").is_dir():
+        build_models(root, setting)
+    sizes, dtype = setting.sizes(), setting.torch_dtype
+    # KV cache for max_seqs LLaVA-length sequences (keys and values of the LLM's KV width), a quarter to spare
     tokens = PROMPT_TOKENS + sizes.describe()["n_patches"] + NEW_TOKENS
-    kv_bytes = max_seqs * tokens * sizes.llm_layers * 2 * sizes.llm_hidden * 4 * 5 // 4
+    kv_width = sizes.llm_hidden * (sizes.llm_kv_heads or sizes.llm_heads()) // sizes.llm_heads()
+    kv_bytes = max_seqs * tokens * sizes.llm_layers * 2 * kv_width * dtype.itemsize * 5 // 4
     engine = dict(enforce_eager=True, max_num_seqs=max_seqs, kv_cache_memory_bytes=max(kv_bytes, 256 << 20))
+    if DEVICE == "cuda":  # three engines share the GPU
+        engine.update(enforce_eager=False, gpu_memory_utilization=0.28)
     if name == "vlora_vllm":
-        (root / "adapters").mkdir()
-        return sizes, VLoRAvLLM(root / "vlora", vlora.config, max_seqs, root / "adapters", **engine)
+        from .. import VLoRAConfig
+
+        adapters = Path(tempfile.mkdtemp(prefix="adapters-", dir=root))
+        return sizes, VLoRAvLLM(root / "vlora", VLoRAConfig.from_pretrained(root / "vlora"), max_seqs, adapters,
+                                dtype, **engine)
     if name == "llava_vllm":
-        return sizes, LlavaVLLM(root / "llava_backbone", llava, **engine)
+        from transformers import LlavaForConditionalGeneration
+
+        llava = LlavaForConditionalGeneration.from_pretrained(root / "llava", dtype=dtype).eval()
+        return sizes, LlavaVLLM(root / "llava_backbone", llava, dtype, **engine)
     if name == "llama_vllm":
-        return sizes, LlamaVLLM(root / "llava_backbone", **engine)
-    return sizes, VLoRATransformers(vlora)
+        return sizes, LlamaVLLM(root / "llava_backbone", dtype, **engine)
+    from .. import VLoRAForCausalLM
+
+    return sizes, VLoRATransformers(VLoRAForCausalLM.from_pretrained(root / "vlora", dtype=dtype).eval())
 
 
-def worker(name: str, concurrency: list[int], quick: bool, width: int | None = None) -> None:
+def worker(name: str, concurrency: list[int], setting: Setting, models: Path) -> None:
     """One system in this process (vLLM holds one engine per process), timing what the parent asks for:
     stdin lines `N TOKENS SEED` -> stdout lines `{"seconds": wall, "cpu_seconds": this process's CPU time}` (vLLM's
     engine runs in this process, so CPU time covers it; it depends less on other jobs than wall time does)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     out = sys.stdout
     sys.stdout = sys.stderr  # vLLM's logs stay off the answer channel
-    with tempfile.TemporaryDirectory() as tmp:
-        sizes, system = make_system(name, Path(tmp), quick, max(concurrency), width)
-        for n in concurrency:  # every batch size once, untimed
-            system.run(*random_requests(n, sizes, torch.Generator().manual_seed(10_000 + n)), 2)
-        print(json.dumps({"ready": name, "sizes": sizes.describe()}), file=out, flush=True)
-        for line in sys.stdin:
-            n, tokens, seed = map(int, line.split())
-            ids, pixels = random_requests(n, sizes, torch.Generator().manual_seed(seed))
-            cpu = time.process_time()
-            wall = timed(lambda: system.run(ids, pixels, tokens))
-            print(json.dumps({"seconds": wall, "cpu_seconds": time.process_time() - cpu,
-                              "image_side_ms": getattr(system, "last_times", None)}), file=out, flush=True)
+    sizes, system = make_system(name, models, setting, max(concurrency))
+    for n in concurrency:  # every batch size once, untimed
+        system.run(*random_requests(n, sizes, torch.Generator().manual_seed(10_000 + n)), 2)
+    print(json.dumps({"ready": name, "sizes": sizes.describe(), "torch_threads": torch.get_num_threads()}),
+          file=out, flush=True)
+    for line in sys.stdin:
+        n, tokens, seed = map(int, line.split())
+        ids, pixels = random_requests(n, sizes, torch.Generator().manual_seed(seed))
+        cpu = time.process_time()
+        wall = timed(lambda: system.run(ids, pixels, tokens))
+        print(json.dumps({"seconds": wall, "cpu_seconds": time.process_time() - cpu,
+                          "image_side_ms": getattr(system, "last_times", None)}), file=out, flush=True)
 
 
-def run(concurrency: list[int], quick: bool, systems: list[str], repeats: int, log=print,
-        width: int | None = None) -> dict:
-    """All systems at once, each in its own idle-waiting process; timed runs interleave (A B C, B C A, ...), so
-    every system sees the same machine load. Medians of `repeats`; the same requests for every system."""
+def run(concurrency: list[int], setting: Setting, systems: list[str], repeats: int, log=print) -> dict:
+    """All systems at once on models made once here, each in its own idle-waiting process (started one after the
+    other, so their start-up peaks do not add up); timed runs interleave (A B C, B C A, ...), so every system sees the same machine load.
+    Medians of `repeats`; the same requests for every system."""
     import subprocess
 
-    procs = {}
+    models = tempfile.TemporaryDirectory(prefix="vlora-serving-bench-")
+    # once, for every worker, in a process of its own (that returns the building's memory to the machine)
+    subprocess.run([sys.executable, "-m", "vlora_hf.serving.bench", "--models", models.name, *setting.argv()],
+                   check=True)
+    log("models made")
+    procs, threads, sizes = {}, {}, None
     for name in systems:
-        cmd = [sys.executable, "-m", "vlora_hf.serving.bench", "--worker", name, "--concurrency",
-               *map(str, concurrency)] + (["--quick"] if quick else []) + (["--width", str(width)] if width else [])
-        procs[name] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    sizes = None
-    for name, proc in procs.items():
-        sizes = json.loads(proc.stdout.readline())["sizes"]
-        log(f"{name} ready")
+        cmd = [sys.executable, "-m", "vlora_hf.serving.bench", "--worker", name, "--models", models.name,
+               "--concurrency", *map(str, concurrency)] + setting.argv()
+        env = {"VLORA_SERVING_CACHE": str(Path(models.name) / "export"), **os.environ}  # random weights: no reuse
+        procs[name] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        line = procs[name].stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {name} worker exited before it was ready (see its log above)")
+        ready = json.loads(line)
+        sizes, threads[name] = ready["sizes"], ready["torch_threads"]
+        log(f"{name} ready ({threads[name]} torch threads)")
 
     def ask(name, n, tokens, seed):
         procs[name].stdin.write(f"{n} {tokens} {seed}\n")
@@ -248,11 +307,14 @@ def run(concurrency: list[int], quick: bool, systems: list[str], repeats: int, l
         for proc in procs.values():
             proc.stdin.close()
             proc.wait()
+        models.cleanup()
     results, ratios = summarize(raw)
+    ratios.update(limits(raw))
     return {"results": results, "ratios": ratios, "sizes": sizes, "prompt_tokens": PROMPT_TOKENS,
-            "new_tokens": NEW_TOKENS, "repeats": repeats,
+            "new_tokens": NEW_TOKENS, "repeats": repeats, "dtype": setting.dtype, "torch_threads": threads,
+            "analytic_flops": analytic_flops(setting.sizes(), PROMPT_TOKENS, NEW_TOKENS),
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                        "loadavg_at_end": os.getloadavg()}}
+                        "device": DEVICE, "loadavg_at_end": os.getloadavg()}}
 
 
 def summarize(raw: dict) -> tuple[dict, dict]:
@@ -285,20 +347,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="`vlora-hf bench --quick` widths (LLM 128, tower 32)")
     p.add_argument("--width", type=int, default=None,
                    help="LLM width (multiple of 64; tower a quarter of it), instead of --quick's or the full widths")
+    p.add_argument("--geometry", choices=sorted(GEOMETRIES), default=None,
+                   help="a named geometry (bench_setup.py), instead of --quick / --width")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="every system's dtype (auto: bfloat16 on GPUs and CPUs with native bf16, else float32)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of every system")
+    p.add_argument("--traffic", action="store_true",
+                   help="also measure writing, loading and activating one adapter of the 7B size (traffic.py)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--systems", nargs="+", default=["vlora_vllm", "llava_vllm", "vlora_transformers"])
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one system, driven by the parent
+    p.add_argument("--models", type=Path, default=None, help=argparse.SUPPRESS)  # the parent's models
+    p.add_argument("--gpu-run", action="store_true",
+                   help="the GPU run (`make bench-gpu`): " + " ".join(GPU_RUN) + " (options given after it win)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--gpu-run" in argv:
+        argv = GPU_RUN + argv
     args = p.parse_args(argv)
+    setting = Setting(args.quick, args.width, args.geometry, bench_dtype(args.dtype), args.threads)
     if args.worker:
-        worker(args.worker, args.concurrency, args.quick, args.width)
+        worker(args.worker, args.concurrency, setting, args.models)
+        return 0
+    if args.models is not None:  # the parent's model-making process
+        build_models(args.models, setting)
         return 0
     log = lambda m: print(f"[serving-bench] {m}", file=sys.stderr, flush=True)  # noqa: E731
-    if args.width is not None:
-        bench_sizes(args.quick, args.width)  # a bad width fails here, not in three workers
-    result = run(args.concurrency, args.quick, args.systems, args.repeats, log, args.width)
-    result["command"] = "python -m vlora_hf.serving.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        setting.sizes()  # a bad width fails here, not in three workers
+    except ValueError as err:
+        p.error(str(err))
+    result = run(args.concurrency, setting, args.systems, args.repeats, log)
+    if args.traffic:
+        from .traffic import adapter_traffic
+
+        result["adapter_traffic_7b"] = adapter_traffic()
+    result["command"] = "python -m vlora_hf.serving.bench " + " ".join(argv)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

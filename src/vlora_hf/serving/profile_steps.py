@@ -144,35 +144,52 @@ def instrument(timers: StepTimers) -> None:
     timers.wrap(LoRAModelRunnerMixin, "set_active_loras", "lora_mapping")
     timers.wrap(LoRAModelManager, "activate_adapter", "lora_activate")
     timers.wrap(WorkerLoRAManager, "_load_adapter", "lora_load")
+    from .fused_lora import FusedPunicaWrapperCPU
+
     for name in ("add_lora_linear", "add_lora_logits", "add_lora_embedding"):
         timers.wrap(PunicaWrapperCPU, name, name.replace("add_", ""))
+    timers.wrap(FusedPunicaWrapperCPU, "add_lora_linear", "lora_linear")  # nested in it: vLLM's, where it falls back
+
+
+def lora_manager(llm):
+    """vLLM's LoRA model manager of an in-process engine (None without LoRA)."""
+    try:
+        return llm.llm_engine.model_executor.driver_worker.worker.model_runner.lora_manager._adapter_manager
+    except AttributeError:
+        return None
 
 
 def lora_module_count(llm) -> int | None:
     """How many modules vLLM wrapped with LoRA (None without LoRA)."""
-    try:
-        runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
-        return len(runner.lora_manager._adapter_manager.modules)
-    except AttributeError:
-        return None
+    manager = lora_manager(llm)
+    return None if manager is None else len(manager.modules)
+
+
+def punica_wrapper_name(llm) -> str | None:
+    """The class of the LoRA wrapper vLLM runs (None without LoRA)."""
+    manager = lora_manager(llm)
+    return None if manager is None else type(next(iter(manager.punica_wrapper_mapping.values()))).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vlora_hf.serving.profile_steps", description=__doc__.split("\n\n")[0])
     p.add_argument("--system", required=True, choices=["vlora_vllm", "llama_vllm", "llava_vllm"])
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--geometry", default=None, help="a named geometry of the bench (bench_setup.py)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--width", type=int, default=None, help="LLM width (tower: a quarter of it); default: bench's")
     p.add_argument("-n", type=int, default=16, help="concurrent requests")
     p.add_argument("--tokens", type=int, default=16)
     args = p.parse_args(argv)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from .bench import make_system, random_requests
+    from .bench import Setting, bench_dtype, make_system, random_requests
 
     out = sys.stdout
     sys.stdout = sys.stderr
     timers = StepTimers()
     with tempfile.TemporaryDirectory() as tmp:
-        sizes, system = make_system(args.system, Path(tmp), args.quick, args.n, width=args.width)
+        setting = Setting(args.quick, args.width, args.geometry, bench_dtype(args.dtype), os.cpu_count())
+        sizes, system = make_system(args.system, Path(tmp), setting, args.n)
         warm = random_requests(args.n, sizes, torch.Generator().manual_seed(1))
         system.run(*warm, 2)
         ids, pixels = random_requests(args.n, sizes, torch.Generator().manual_seed(2))
@@ -193,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             row["ops_per_step"] = counted.get(phase, {}).get("ops_per_step", {})
         result = {"system": args.system, "n": args.n, "new_tokens": args.tokens, "sizes": sizes.describe(),
                   "wall_s": round(wall, 3), "phases": timed, "lora_modules": lora_module_count(system.llm),
+                  "punica_wrapper": punica_wrapper_name(system.llm),
+                  "dtype": setting.dtype, "torch_threads": torch.get_num_threads(),
                   "image_side_ms": getattr(system, "last_times", None), "loadavg": os.getloadavg()}
     print(json.dumps(result, indent=1), file=out)
     return 0

@@ -19,6 +19,7 @@ import sys
 
 from .adapters import image_key
 from .engine import ServingCore, engine_defaults, resolve_model
+from .platform import request_fused_lora
 from .images import ImageInputError, ImagePolicy, load_image_url
 from .store import NAME_PREFIX, NULL_KEY, Adapter, StoreFull
 
@@ -366,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_images_in_flight < 1:
         print("vlora-hf serve: error: --max-images-in-flight must be at least 1", file=sys.stderr)
         return 2
+    request_fused_lora()  # before vLLM resolves its platform (the imports below do)
     try:
         import uvloop
         from vllm.entrypoints.launchers.api_server.entry import run_server
