@@ -82,7 +82,8 @@ def hidden_package_env() -> dict:
 
 HIDE_PACKAGE = (
     "import sys\n"
-    "sys.path = [p for p in sys.path if 'vlora' not in p.lower() and not p.endswith('/src')]\n"
+    # keep site-packages even when the venv sits in a folder named like the project (a clone in /tmp/vlora_hf)
+    "sys.path = [p for p in sys.path if 'site-packages' in p or ('vlora' not in p.lower() and not p.endswith('/src'))]\n"
     "sys.modules['vlora_hf'] = None\n"
     "try:\n"
     "    import vlora_hf\n"
